@@ -1,0 +1,314 @@
+"""Janus-Pro through transformers' own port: answer questions about images, and draw images from prompts.
+
+Plain synchronous torch, meant to run on the executor's GPU thread. Nothing here knows about Discord.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, DynamicCache, JanusForConditionalGeneration, StaticCache
+from transformers.generation.streamers import BaseStreamer
+
+from bot.executor import Progress, Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier message of a conversation: who said it, what, and with which images."""
+
+    role: str  # "user" or "assistant"
+    text: str
+    images: tuple[Image.Image, ...] = ()
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    """A question about zero or more images; the defaults are those of DeepSeek's demo."""
+
+    question: str
+    images: tuple[Image.Image, ...] = ()
+    history: tuple[Turn, ...] = ()
+    temperature: float = 0.1  # 0 = greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ImagineRequest:
+    """A prompt to draw `count` images from, with classifier-free guidance and a seed."""
+
+    prompt: str
+    count: int = 4
+    guidance: float = 5.0
+    temperature: float = 1.0  # 0 = greedy
+    seed: int = 0
+
+
+@dataclass
+class ImageBatch:
+    """Several requests' rows laid out for one generation loop: rows [0, B) conditional, [B, 2B) unconditional."""
+
+    requests: Sequence[ImagineRequest]
+    input_ids: torch.Tensor  # [2B, L] long, left-padded
+    attention_mask: torch.Tensor  # [2B, L] long
+    guidance: torch.Tensor  # [B, 1] float
+    temperature: torch.Tensor  # [B, 1] float, 0 = greedy
+    uniforms: torch.Tensor  # [B, n_img] float in [0, 1), drawn from each request's own seed
+    spans: list[slice] = field(default_factory=list)  # each request's rows among the B
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"JANUS_DEVICE={name} but PyTorch sees no CUDA GPU; use JANUS_DEVICE=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    # bf16 is the checkpoints' own dtype and the GPU's fast path; float32 is exact and well supported on CPU.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (RGBA, P, L, LA, CMYK, I;16, ...) as RGB, with transparency flattened onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32"))
+        top = float(array.max()) or 1.0
+        gray = (array / top * 255).clamp(0, 255).to(torch.uint8).numpy()
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class _TextReporter(BaseStreamer):
+    """Feeds the answer decoded so far to a reporter, at most every `interval` seconds."""
+
+    def __init__(self, decode: Callable[[list[int]], str], report: Reporter, total: int, interval: float) -> None:
+        self.decode, self.report, self.total, self.interval = decode, report, total, interval
+        self.tokens: list[int] = []
+        self.prompt_seen = False
+        self.last = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt itself
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.report(Progress(len(self.tokens), self.total, self.decode(self.tokens)))
+
+    def end(self) -> None:
+        self.report(Progress(len(self.tokens), self.total, self.decode(self.tokens)))
+
+
+class JanusEngine:
+    """A loaded Janus-Pro model and processor on one device."""
+
+    def __init__(self, model: JanusForConditionalGeneration, processor: AutoProcessor, *,
+                 preview_seconds: float | None = None) -> None:
+        self.model, self.processor = model, processor
+        self.tokenizer = processor.tokenizer
+        self.device, self.dtype = model.device, model.dtype
+        self.preview_seconds = preview_seconds  # None: no previews; 0: after every finished row
+        vision = model.config.vision_config
+        self.num_image_tokens: int = vision.num_image_tokens
+        self.grid = int(round(self.num_image_tokens**0.5))  # tokens per side
+        self.image_size = self.grid * 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+        gc = model.generation_config
+        self.bos_id, self.pad_id = gc.bos_token_id, gc.pad_token_id
+        self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
+
+    @classmethod
+    def load(cls, model_name: str, *, device: str = "auto", dtype: str = "auto",
+             preview_seconds: float | None = None) -> JanusEngine:
+        """Load from a hub id or a local directory onto the chosen device."""
+        started = time.perf_counter()
+        target = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, target)
+        processor = AutoProcessor.from_pretrained(model_name)
+        model = JanusForConditionalGeneration.from_pretrained(model_name, dtype=torch_dtype)
+        model.to(target).eval()
+        engine = cls(model, processor, preview_seconds=preview_seconds)
+        params = sum(p.numel() for p in model.parameters())
+        log.info("Loaded %s on %s (%s, %.2f B params) in %.1fs; images %dpx from %d tokens",
+                 model_name, target, torch_dtype, params / 1e9, time.perf_counter() - started,
+                 engine.image_size, engine.num_image_tokens)
+        return engine
+
+    # ---- understanding ---------------------------------------------------------------------------------
+
+    def _conversation(self, request: AskRequest) -> tuple[list[dict], list[Image.Image]]:
+        messages, images = [], []
+        for turn in (*request.history, Turn("user", request.question, request.images)):
+            content: list[dict] = [{"type": "image"} for _ in turn.images]
+            content.append({"type": "text", "text": turn.text})
+            messages.append({"role": turn.role, "content": content})
+            images.extend(to_rgb(image) for image in turn.images)
+        return messages, images
+
+    @torch.inference_mode()
+    def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
+        """The model's answer to a question about images (and earlier turns); only the new tokens."""
+        messages, images = self._conversation(request)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(text=prompt, images=images or None, generation_mode="text", return_tensors="pt")
+        inputs = inputs.to(self.device, dtype=self.dtype) if images else inputs.to(self.device)
+        torch.manual_seed(request.seed)  # the GPU thread owns the global RNG, so this is per request
+        sampling = (
+            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
+            if request.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
+        streamer = (
+            _TextReporter(self._decode_answer, report, request.max_new_tokens, interval=0.25) if report else None
+        )
+        output = self.model.generate(
+            **inputs, max_new_tokens=request.max_new_tokens, streamer=streamer,
+            pad_token_id=self.pad_id, **sampling,
+        )
+        return self._decode_answer(output[0, inputs["input_ids"].shape[1]:].tolist())
+
+    def _decode_answer(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    # ---- generation ------------------------------------------------------------------------------------
+
+    def prompt_text(self, prompt: str) -> str:
+        """The chat-formatted prompt for image generation (the processor appends <begin_of_image>)."""
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def prepare_batch(self, requests: Sequence[ImagineRequest]) -> ImageBatch:
+        """Lay out every request's conditional and unconditional rows, left-padded to one length."""
+        inputs = self.processor(text=[self.prompt_text(r.prompt) for r in requests], generation_mode="image",
+                                padding=True, return_tensors="pt")
+        counts = torch.tensor([r.count for r in requests])
+        cond = inputs["input_ids"].repeat_interleave(counts, dim=0)  # [B, L] prompt-major, as HF does
+        mask = inputs["attention_mask"].repeat_interleave(counts, dim=0)
+        uncond = cond.clone()  # keep only BOS and <begin_of_image>, as DeepSeek's demo and HF's port do
+        uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
+        spans, start = [], 0
+        for r in requests:
+            spans.append(slice(start, start + r.count))
+            start += r.count
+        uniforms = torch.cat([
+            torch.rand((r.count, self.num_image_tokens), generator=torch.Generator().manual_seed(r.seed))
+            for r in requests
+        ])
+        per_row = lambda values: torch.tensor(values, dtype=torch.float32).repeat_interleave(counts)[:, None]  # noqa: E731
+        return ImageBatch(
+            requests=requests,
+            input_ids=torch.cat([cond, uncond]).to(self.device),
+            attention_mask=torch.cat([mask, mask]).to(self.device),
+            guidance=per_row([r.guidance for r in requests]).to(self.device),
+            temperature=per_row([r.temperature for r in requests]).to(self.device),
+            uniforms=uniforms.to(self.device),
+            spans=spans,
+        )
+
+    def _new_cache(self, batch: ImageBatch) -> DynamicCache | StaticCache:
+        return DynamicCache(config=self.model.config.text_config)
+
+    def _forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache | StaticCache) -> torch.Tensor:
+        """Logits of the image head for the last position. [2B, S, D] -> [B*2, V] float32."""
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+        ).last_hidden_state[:, -1, :]  # [2B, D]
+        return self.model.model.generation_head(hidden).float()  # [2B, V]
+
+    @staticmethod
+    def sample(logits: torch.Tensor, batch: ImageBatch, step: int) -> torch.Tensor:
+        """Guidance, then per-row sampling from the full distribution by inverse CDF (greedy where T = 0)."""
+        rows = logits.shape[0] // 2
+        cond, uncond = logits[:rows], logits[rows:]  # [B, V] each
+        guided = uncond + batch.guidance * (cond - uncond)  # [B, V]
+        greedy = guided.argmax(dim=-1)  # [B]
+        temperature = batch.temperature.clamp(min=1e-5)
+        cdf = torch.softmax(guided / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
+        threshold = batch.uniforms[:, step : step + 1] * cdf[:, -1:]  # [B, 1]
+        sampled = torch.searchsorted(cdf, threshold).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [B]
+        return torch.where(batch.temperature.squeeze(-1) > 0, sampled, greedy)
+
+    @torch.inference_mode()
+    def generate_tokens(self, batch: ImageBatch, reports: Sequence[Reporter] = ()) -> torch.Tensor:
+        """The image tokens of every row: [B, n_img] long. Reports progress (and previews) per request."""
+        rows = batch.input_ids.shape[0] // 2
+        n_img = self.num_image_tokens
+        tokens = torch.zeros((rows, n_img), dtype=torch.long, device=self.device)  # [B, n_img]
+        mask = batch.attention_mask  # [2B, L]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [2B, L]; left padding keeps positions from 0
+        embeds = self.model.get_input_embeddings()(batch.input_ids)  # [2B, L, D]
+        cache = self._new_cache(batch)
+        ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=self.device)
+        last_preview = time.monotonic()
+        for step in range(n_img):
+            logits = self._forward(embeds, mask, positions, cache)  # [2B, V]
+            chosen = self.sample(logits, batch, step)  # [B]
+            tokens[:, step] = chosen
+            embeds = self.model.prepare_embeddings_for_image_generation(chosen.repeat(2)).unsqueeze(1)  # [2B,1,D]
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, ones], dim=1)
+            if reports:
+                last_preview = self._report_step(batch, tokens, step + 1, reports, last_preview)
+        return tokens
+
+    def _report_step(self, batch: ImageBatch, tokens: torch.Tensor, done: int, reports: Sequence[Reporter],
+                     last_preview: float) -> float:
+        preview_due = (
+            self.preview_seconds is not None and done < self.num_image_tokens and done % self.grid == 0
+            and time.monotonic() - last_preview >= self.preview_seconds
+        )
+        previews = self.preview(tokens, done) if preview_due else None
+        for span, report in zip(batch.spans, reports, strict=True):
+            report(Progress(done, self.num_image_tokens, previews[span] if previews else None))
+        return time.monotonic() if preview_due else last_preview
+
+    def preview(self, tokens: torch.Tensor, done: int) -> list[Image.Image]:
+        """The rows drawn so far of every image, the rest left grey."""
+        rows_done = done // self.grid
+        images = self.decode(tokens)
+        cut = rows_done * self.image_size // self.grid
+        previews = []
+        for image in images:
+            canvas = Image.new("RGB", image.size, (64, 64, 64))
+            canvas.paste(image.crop((0, 0, image.width, cut)), (0, 0))
+            previews.append(canvas)
+        return previews
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """VQ tokens [N, n_img] -> N RGB images of image_size px."""
+        pixels = self.model.decode_image_tokens(tokens)  # [N, H, W, 3] in about [-1, 1]
+        rgb = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(array) for array in rgb]
+
+    def imagine_batch(self, requests: Sequence[ImagineRequest],
+                      reports: Sequence[Reporter] = ()) -> list[list[Image.Image]]:
+        """Draw every request's images in one loop; each request gets the images it would get alone."""
+        batch = self.prepare_batch(requests)
+        tokens = self.generate_tokens(batch, reports)
+        images = self.decode(tokens)
+        return [images[span] for span in batch.spans]
+
+    def imagine(self, request: ImagineRequest, report: Reporter | None = None) -> list[Image.Image]:
+        return self.imagine_batch([request], [report] if report else [])[0]

@@ -1,0 +1,31 @@
+"""Exceptions whose text is meant for the member who caused them."""
+
+from __future__ import annotations
+
+
+class UserFacingError(Exception):
+    """An error whose message is safe and useful to show to the member as is."""
+
+
+class QueueFull(UserFacingError):
+    """The GPU queue is at capacity."""
+
+
+class JobCancelled(UserFacingError):
+    """The job was cancelled before it ran (by its requester or a shutdown)."""
+
+
+class JobFailed(UserFacingError):
+    """The model could not finish the job; the text says why."""
+
+
+class BadAttachment(UserFacingError):
+    """An attachment that is not a usable image."""
+
+
+class BadPrompt(UserFacingError):
+    """A prompt or question that cannot be used."""
+
+
+class QuotaExceeded(UserFacingError):
+    """A usage limit says no."""

@@ -1,0 +1,287 @@
+"""One GPU thread behind one bounded queue.
+
+A dedicated single-worker thread owns the model, so CUDA state and compiled graphs stay on one thread and
+jobs never compete for the GPU. An asyncio dispatcher task feeds it through `loop.run_in_executor`.
+Jobs that share a batch runner (image generation) and wait in the queue together are merged into one
+batch and split back when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from bot.errors import JobCancelled, QueueFull
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a running job last reported: `done` of `total` steps, and an optional preview (image or text)."""
+
+    done: int
+    total: int
+    preview: Any = None
+
+
+Reporter = Callable[[Progress], None]
+BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
+
+
+class Job(Generic[T]):
+    """A unit of GPU work: awaitable for its result, cancellable while queued, observable while it runs."""
+
+    def __init__(self, *, kind: str, owner: int | None, weight: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.kind, self.owner, self.weight = kind, owner, weight
+        self.future: asyncio.Future[T] = loop.create_future()
+        self.progress: Progress | None = None  # written by the GPU thread, read by the loop
+        self.queued_at = time.monotonic()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._abandoned = False  # set by the loop; the GPU thread sees it at its next report
+        self._executor: GpuExecutor | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and not self.future.done()
+
+    @property
+    def position(self) -> int:
+        """1 for the next job to run, 2 behind it, ...; 0 once it runs or has finished."""
+        if self._executor is None or self.started_at is not None or self.future.done():
+            return 0
+        return self._executor.position_of(self)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def report(self, progress: Progress) -> None:
+        """Called from the GPU thread; stops the work there if the job was abandoned meanwhile."""
+        if self._abandoned:
+            raise JobCancelled("This request was cancelled.")
+        self.progress = progress
+
+    def _batch_reporter(self, batch: list[Job[Any]]) -> Reporter:
+        """A reporter that stops the shared work only once every job of the batch was abandoned."""
+
+        def report(progress: Progress) -> None:
+            if all(member._abandoned for member in batch):
+                raise JobCancelled("This request was cancelled.")
+            self.progress = progress
+
+        return report
+
+    def cancel(self, reason: str = "This request was cancelled.") -> bool:
+        """Withdraw a job that is still waiting, or stop a running one at its next progress report."""
+        if self.future.done():
+            return False
+        self._abandoned = True
+        if self._executor is not None:
+            self._executor.discard(self)
+        self.future.set_exception(JobCancelled(reason))
+        return True
+
+    def __await__(self) -> Generator[Any, None, T]:
+        try:
+            return (yield from asyncio.shield(self.future).__await__())
+        except asyncio.CancelledError:
+            self.cancel()  # the awaiting task went away: nobody wants the result any more
+            raise
+
+
+@dataclass
+class _Work:
+    """What the GPU thread runs for one or more jobs."""
+
+    jobs: list[Job[Any]]
+    run: Callable[[], list[Any]]
+
+
+class GpuExecutor:
+    """Serialises all model work onto one thread; a bounded FIFO queue feeds it."""
+
+    def __init__(self, queue_size: int = 16, *, max_batch: int = 16, job_timeout: float | None = None) -> None:
+        self.queue_size, self.max_batch, self.job_timeout = queue_size, max_batch, job_timeout
+        self._waiting: collections.deque[tuple[Job[Any], Callable[[], Any] | None, BatchRunner | None, Any]] = (
+            collections.deque()
+        )
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._wakeup: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._accepting = False
+        self.running: list[Job[Any]] = []
+        self.jobs_done = 0
+        # Tests point this at their harness (e.g. SimCord's external_wait) so waiting on the thread is declared.
+        self.wait_for_thread: Callable[[Awaitable[Any]], Awaitable[Any]] = _identity
+
+    async def __aenter__(self) -> GpuExecutor:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._dispatcher is None:
+            self._wakeup = asyncio.Event()
+            self._accepting = True
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="gpu-dispatcher")
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting plus jobs running."""
+        return len(self._waiting) + len(self.running)
+
+    def position_of(self, job: Job[Any]) -> int:
+        for index, (waiting, *_rest) in enumerate(self._waiting):
+            if waiting is job:
+                return index + 1
+        return 0
+
+    def jobs_of(self, owner: int) -> int:
+        """How many of this owner's jobs are waiting or running."""
+        return sum(1 for job in self._all_jobs() if job.owner == owner)
+
+    def _all_jobs(self) -> list[Job[Any]]:
+        return [entry[0] for entry in self._waiting] + self.running
+
+    def submit(self, fn: Callable[[Reporter], T], *, kind: str = "job", owner: int | None = None) -> Job[T]:
+        """Queue `fn(report)` for the GPU thread; raises QueueFull when the queue is at capacity."""
+        return self._enqueue(kind, owner, 1, fn, None, None)
+
+    def submit_batched(
+        self, runner: BatchRunner, payload: Any, *, weight: int = 1, kind: str = "job", owner: int | None = None
+    ) -> Job[Any]:
+        """Queue `payload` for `runner(payloads, reporters) -> results`, batched with other waiting payloads
+        for the same runner up to `max_batch` total weight."""
+        return self._enqueue(kind, owner, weight, None, runner, payload)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the GPU thread through the queue and return its result."""
+        job = self.submit(lambda _report: fn(*args), kind=getattr(fn, "__name__", "call"))
+        return await job
+
+    def _enqueue(
+        self, kind: str, owner: int | None, weight: int, fn: Callable[[Reporter], Any] | None,
+        runner: BatchRunner | None, payload: Any,
+    ) -> Job[Any]:
+        if not self._accepting or self._wakeup is None:
+            raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
+        if len(self._waiting) >= self.queue_size:
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting; please try again in a minute.")
+        job: Job[Any] = Job(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
+        job._executor = self
+        self._waiting.append((job, (lambda: fn(job.report)) if fn else None, runner, payload))
+        self._wakeup.set()
+        return job
+
+    def discard(self, job: Job[Any]) -> None:
+        """Drop a job from the waiting queue (no-op when it already runs)."""
+        for entry in self._waiting:
+            if entry[0] is job:
+                self._waiting.remove(entry)
+                return
+
+    def _next_work(self) -> _Work:
+        job, fn, runner, payload = self._waiting.popleft()
+        if runner is None:
+            assert fn is not None
+            return _Work([job], lambda: [fn()])
+        batch, payloads, weight = [job], [payload], job.weight
+        for entry in list(self._waiting):
+            other, _fn, other_runner, other_payload = entry
+            # Bound methods compare equal (not identical) when they share function and instance.
+            if other_runner == runner and weight + other.weight <= self.max_batch:
+                self._waiting.remove(entry)
+                batch.append(other)
+                payloads.append(other_payload)
+                weight += other.weight
+        reporters = [member._batch_reporter(batch) for member in batch]
+        return _Work(batch, lambda: runner(payloads, reporters))
+
+    async def _dispatch(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting:
+                if not self._accepting:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            work = self._next_work()
+            self.running = work.jobs
+            started = time.monotonic()
+            for job in work.jobs:
+                job.started_at = started
+            thread_future = loop.run_in_executor(self._thread, work.run)
+            try:
+                results = await self._await_thread(thread_future, work)
+            except BaseException as error:  # noqa: BLE001 - every failure goes to the jobs' awaiters
+                self._fail(work.jobs, error)
+            else:
+                for job, result in zip(work.jobs, results, strict=True):
+                    if isinstance(result, BaseException):
+                        self._fail([job], result)
+                    elif not job.future.done():
+                        job.future.set_result(result)
+            finally:
+                finished = time.monotonic()
+                for job in work.jobs:
+                    job.finished_at = finished
+                self.jobs_done += len(work.jobs)
+                self.running = []
+
+    async def _await_thread(self, thread_future: asyncio.Future[list[Any]], work: _Work) -> list[Any]:
+        if self.job_timeout is None:
+            return await self.wait_for_thread(thread_future)
+        try:
+            return await self.wait_for_thread(asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout))
+        except TimeoutError:
+            minutes = self.job_timeout / 60
+            for job in work.jobs:
+                job.cancel(f"Sorry, this request took longer than {minutes:g} minutes and was stopped.")
+            log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
+                      self.job_timeout)
+            await self.wait_for_thread(asyncio.wait([thread_future]))
+            raise
+
+    @staticmethod
+    def _fail(jobs: list[Job[Any]], error: BaseException) -> None:
+        """Hand the error to each job's awaiter, who decides what the member is told."""
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    async def close(
+        self, reason: str = "The bot is shutting down; please ask again once it is back.", grace: float | None = None
+    ) -> None:
+        """Stop accepting, tell every waiting caller, give the running job `grace` seconds to finish (None: as
+        long as it takes), then stop the thread."""
+        self._accepting = False
+        while self._waiting:
+            self._waiting[0][0].cancel(reason)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._dispatcher is not None:
+            done, _ = await asyncio.wait([self._dispatcher], timeout=grace)
+            if not done:
+                for job in self.running:
+                    job.cancel(reason)
+                await self._dispatcher
+            self._dispatcher = None
+        self._thread.shutdown(wait=True)
+
+
+def _identity(awaitable: Awaitable[T]) -> Awaitable[T]:
+    return awaitable

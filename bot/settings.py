@@ -1,0 +1,97 @@
+"""Every knob of the bot in one typed class, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_API_BASE = "https://discord.com/api/v10"
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """The bot's configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Discord
+    discord_token: SecretStr | None = Field(None, description="Bot token from the Developer Portal")
+    discord_api_base: str = Field(DEFAULT_API_BASE, description="Where REST calls go (a proxy or emulator may stand in)")
+    discord_gateway_url: str | None = Field(None, description="Gateway URL; unset = ask GET /gateway/bot")
+    dev_guild_id: int | None = Field(None, description="Also sync commands to this server for instant updates")
+    allow_dms: bool = Field(False, description="Answer in direct messages (under the default limits)")
+
+    # Model
+    janus_model: str = Field("deepseek-community/Janus-Pro-7B", description="Hub id or local directory")
+    janus_device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    janus_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bf16 on GPU")
+    compile: bool = Field(False, description="torch.compile the image decode step on GPU")
+    max_batch_images: int = Field(16, ge=1, le=64, description="Images generated together across requests")
+
+    # Upscaler
+    upscaler_weights: str = Field("weights/RealESRGAN_x2.pth", description="Real-ESRGAN .pth/.safetensors or 'none'")
+    upscaler_tile: int = Field(512, ge=64, description="Tile side in pixels above which images are tiled")
+
+    # Service
+    data_dir: Path = Field(Path("./data"), description="Where the usage database lives")
+    images_per_prompt: int = Field(4, ge=1, le=10, description="Images per /imagine unless the member asks otherwise")
+    queue_size: int = Field(16, ge=1, description="Jobs waiting for the GPU before new ones are refused")
+    job_timeout_seconds: float = Field(600.0, gt=0, description="A job running longer than this is abandoned")
+    max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
+
+    # Default per-server limits (admins override them per server)
+    generations_per_user: int = Field(20, ge=0, description="/imagine requests per member per UTC day")
+    questions_per_user: int = Field(50, ge=0, description="Questions per member per UTC day")
+    generations_per_server: int = Field(500, ge=0, description="/imagine requests per server per UTC day")
+    cooldown_seconds: int = Field(0, ge=0, description="Seconds between a member's requests")
+    max_queued_per_user: int = Field(2, ge=0, description="A member's jobs waiting or running at once")
+    max_prompt_length: int = Field(500, ge=1, le=2000, description="Longest prompt or question, in characters")
+
+    @field_validator("janus_device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("discord_api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL such as https://discord.com/api/v10")
+        return value.rstrip("/")
+
+    @property
+    def upscaling_enabled(self) -> bool:
+        return self.upscaler_weights.strip().lower() != "none"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "usage.db"
+
+
+class SettingsError(Exception):
+    """A configuration problem, phrased as one line a server owner can act on."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one line per bad setting, naming the environment variable."""
+    lines = []
+    for problem in error.errors():
+        name = "_".join(str(part) for part in problem["loc"]).upper() or "settings"
+        shown = "" if "TOKEN" in name else f" (got {problem.get('input')!r})"
+        lines.append(f"{name}: {problem['msg']}{shown}; fix it in .env or the environment")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, raising SettingsError with a readable line instead of a traceback."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
