@@ -16,6 +16,7 @@ from transformers import AutoProcessor, DynamicCache, JanusForConditionalGenerat
 from transformers.generation.streamers import BaseStreamer
 
 from bot.executor import Progress, Reporter
+from bot.images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +81,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     # bf16 is the checkpoints' own dtype and the GPU's fast path; float32 is exact and well supported on CPU.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (RGBA, P, L, LA, CMYK, I;16, ...) as RGB, with transparency flattened onto white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32"))
-        top = float(array.max()) or 1.0
-        gray = (array / top * 255).clamp(0, 255).to(torch.uint8).numpy()
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class _TextReporter(BaseStreamer):

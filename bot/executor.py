@@ -13,7 +13,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,11 +41,15 @@ BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 class Job(Generic[T]):
     """A unit of GPU work: awaitable for its result, cancellable while queued, observable while it runs."""
 
-    def __init__(self, *, kind: str, owner: int | None, weight: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, *, kind: str, owner: int | None, weight: int, loop: asyncio.AbstractEventLoop,
+                 notify_interval: float = 1.0) -> None:
         self.kind, self.owner, self.weight = kind, owner, weight
         self.future: asyncio.Future[T] = loop.create_future()
         self.progress: Progress | None = None  # written by the GPU thread, read by the loop
-        self.queued_at = time.monotonic()
+        # Set (on the loop) when position, progress or state changed; whoever shows the job clears it.
+        self.changed = asyncio.Event()
+        self._loop, self._notify_interval, self._last_notify = loop, notify_interval, 0.0
+        self.queued_at = time.perf_counter()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self._abandoned = False  # set by the loop; the GPU thread sees it at its next report
@@ -69,7 +73,15 @@ class Job(Generic[T]):
         """Called from the GPU thread; stops the work there if the job was abandoned meanwhile."""
         if self._abandoned:
             raise JobCancelled("This request was cancelled.")
+        self._publish(progress)
+
+    def _publish(self, progress: Progress) -> None:
+        """Store the progress; wake the loop side at most every notify_interval (always for a preview)."""
         self.progress = progress
+        now = time.perf_counter()
+        if progress.preview is not None or now - self._last_notify >= self._notify_interval:
+            self._last_notify = now
+            self._loop.call_soon_threadsafe(self.changed.set)
 
     def _batch_reporter(self, batch: list[Job[Any]]) -> Reporter:
         """A reporter that stops the shared work only once every job of the batch was abandoned."""
@@ -77,7 +89,7 @@ class Job(Generic[T]):
         def report(progress: Progress) -> None:
             if all(member._abandoned for member in batch):
                 raise JobCancelled("This request was cancelled.")
-            self.progress = progress
+            self._publish(progress)
 
         return report
 
@@ -89,6 +101,7 @@ class Job(Generic[T]):
         if self._executor is not None:
             self._executor.discard(self)
         self.future.set_exception(JobCancelled(reason))
+        self.changed.set()
         return True
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -110,19 +123,20 @@ class _Work:
 class GpuExecutor:
     """Serialises all model work onto one thread; a bounded FIFO queue feeds it."""
 
-    def __init__(self, queue_size: int = 16, *, max_batch: int = 16, job_timeout: float | None = None) -> None:
+    def __init__(self, queue_size: int = 16, *, max_batch: int = 16, job_timeout: float | None = None,
+                 notify_interval: float = 1.0) -> None:
         self.queue_size, self.max_batch, self.job_timeout = queue_size, max_batch, job_timeout
+        self.notify_interval = notify_interval
         self._waiting: collections.deque[tuple[Job[Any], Callable[[], Any] | None, BatchRunner | None, Any]] = (
             collections.deque()
         )
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self._wakeup: asyncio.Event | None = None
+        # The dispatcher runs only while there is work and exits when the queue is empty, so an idle bot
+        # has no task parked on a queue (which also lets test harnesses see when the bot is idle).
         self._dispatcher: asyncio.Task[None] | None = None
         self._accepting = False
         self.running: list[Job[Any]] = []
         self.jobs_done = 0
-        # Tests point this at their harness (e.g. SimCord's external_wait) so waiting on the thread is declared.
-        self.wait_for_thread: Callable[[Awaitable[Any]], Awaitable[Any]] = _identity
 
     async def __aenter__(self) -> GpuExecutor:
         self.start()
@@ -132,10 +146,8 @@ class GpuExecutor:
         await self.close()
 
     def start(self) -> None:
-        if self._dispatcher is None:
-            self._wakeup = asyncio.Event()
-            self._accepting = True
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="gpu-dispatcher")
+        """Start taking jobs."""
+        self._accepting = True
 
     @property
     def depth(self) -> int:
@@ -175,14 +187,16 @@ class GpuExecutor:
         self, kind: str, owner: int | None, weight: int, fn: Callable[[Reporter], Any] | None,
         runner: BatchRunner | None, payload: Any,
     ) -> Job[Any]:
-        if not self._accepting or self._wakeup is None:
+        if not self._accepting:
             raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
         if len(self._waiting) >= self.queue_size:
             raise QueueFull(f"{len(self._waiting)} requests are already waiting; please try again in a minute.")
-        job: Job[Any] = Job(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        job: Job[Any] = Job(kind=kind, owner=owner, weight=weight, loop=loop, notify_interval=self.notify_interval)
         job._executor = self
         self._waiting.append((job, (lambda: fn(job.report)) if fn else None, runner, payload))
-        self._wakeup.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = loop.create_task(self._dispatch(), name="gpu-dispatcher")
         return job
 
     def discard(self, job: Job[Any]) -> None:
@@ -190,7 +204,12 @@ class GpuExecutor:
         for entry in self._waiting:
             if entry[0] is job:
                 self._waiting.remove(entry)
+                self._positions_changed()
                 return
+
+    def _positions_changed(self) -> None:
+        for job, *_rest in self._waiting:
+            job.changed.set()
 
     def _next_work(self) -> _Work:
         job, fn, runner, payload = self._waiting.popleft()
@@ -210,23 +229,22 @@ class GpuExecutor:
         return _Work(batch, lambda: runner(payloads, reporters))
 
     async def _dispatch(self) -> None:
-        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._waiting:
-                if not self._accepting:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+        while self._waiting:
             work = self._next_work()
             self.running = work.jobs
-            started = time.monotonic()
+            started = time.perf_counter()
             for job in work.jobs:
                 job.started_at = started
+                job.changed.set()
+            self._positions_changed()
             thread_future = loop.run_in_executor(self._thread, work.run)
             try:
                 results = await self._await_thread(thread_future, work)
+            except asyncio.CancelledError:  # the loop is going away: tell the jobs' awaiters why
+                for job in work.jobs:
+                    job.cancel("The bot is shutting down; please ask again once it is back.")
+                raise
             except BaseException as error:  # noqa: BLE001 - every failure goes to the jobs' awaiters
                 self._fail(work.jobs, error)
             else:
@@ -236,24 +254,25 @@ class GpuExecutor:
                     elif not job.future.done():
                         job.future.set_result(result)
             finally:
-                finished = time.monotonic()
+                finished = time.perf_counter()
                 for job in work.jobs:
                     job.finished_at = finished
+                    job.changed.set()
                 self.jobs_done += len(work.jobs)
                 self.running = []
 
     async def _await_thread(self, thread_future: asyncio.Future[list[Any]], work: _Work) -> list[Any]:
         if self.job_timeout is None:
-            return await self.wait_for_thread(thread_future)
+            return await thread_future
         try:
-            return await self.wait_for_thread(asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout))
+            return await asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout)
         except TimeoutError:
             minutes = self.job_timeout / 60
             for job in work.jobs:
                 job.cancel(f"Sorry, this request took longer than {minutes:g} minutes and was stopped.")
             log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
                       self.job_timeout)
-            await self.wait_for_thread(asyncio.wait([thread_future]))
+            await asyncio.wait([thread_future])
             raise
 
     @staticmethod
@@ -271,8 +290,6 @@ class GpuExecutor:
         self._accepting = False
         while self._waiting:
             self._waiting[0][0].cancel(reason)
-        if self._wakeup is not None:
-            self._wakeup.set()
         if self._dispatcher is not None:
             done, _ = await asyncio.wait([self._dispatcher], timeout=grace)
             if not done:
@@ -282,6 +299,3 @@ class GpuExecutor:
             self._dispatcher = None
         self._thread.shutdown(wait=True)
 
-
-def _identity(awaitable: Awaitable[T]) -> Awaitable[T]:
-    return awaitable

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     janus_device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     janus_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bf16 on GPU")
     compile: bool = Field(False, description="torch.compile the image decode step on GPU")
+    max_answer_tokens: int = Field(512, ge=1, le=4096, description="Longest answer, in tokens")
     max_batch_images: int = Field(16, ge=1, le=64, description="Images generated together across requests")
 
     # Upscaler
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(16, ge=1, description="Jobs waiting for the GPU before new ones are refused")
     job_timeout_seconds: float = Field(600.0, gt=0, description="A job running longer than this is abandoned")
     max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
+    status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
+    preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
 
     # Default per-server limits (admins override them per server)

@@ -103,13 +103,17 @@ class Upscaler:
         _, _, height, width = x.shape
         if max(height, width) <= self.tile:
             return self.model(x)
-        s, step = self.scale, self.tile - 2 * self.overlap
+        # Tile edges inside the image sit on the model's size grid (x2 models pixel-unshuffle by 2 and spandrel
+        # pads to a multiple of 4), so each tile sees the pixels in the same phase as the whole image would.
+        s, grid = self.scale, self.model.size_requirements.multiple_of
+        overlap = -(-self.overlap // grid) * grid  # rounded up to the grid
+        step = max((self.tile - 2 * overlap) // grid * grid, grid)  # rounded down to the grid
         out = torch.zeros((x.shape[0], 3, height * s, width * s), dtype=x.dtype, device=x.device)
         for top in range(0, height, step):
             for left in range(0, width, step):
                 # Each tile carries `overlap` pixels of context on every side; only its core is kept.
-                y0, x0 = max(top - self.overlap, 0), max(left - self.overlap, 0)
-                y1, x1 = min(top + step + self.overlap, height), min(left + step + self.overlap, width)
+                y0, x0 = max(top - overlap, 0), max(left - overlap, 0)
+                y1, x1 = min(top + step + overlap, height), min(left + step + overlap, width)
                 tile = self.model(x[:, :, y0:y1, x0:x1])  # [N, 3, s(y1-y0), s(x1-x0)]
                 core_h, core_w = min(step, height - top), min(step, width - left)
                 oy, ox = (top - y0) * s, (left - x0) * s

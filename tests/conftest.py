@@ -35,6 +35,7 @@ def settings(tiny_dir: Path, tmp_path: Path) -> Settings:
         janus_device="cpu",
         upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth"),
         data_dir=tmp_path / "data",
+        max_answer_tokens=48,
     )
 
 
@@ -45,3 +46,58 @@ def studio(tiny_dir: Path):
 
     return Studio.load(Settings(_env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu",
                                 upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth")), preview_seconds=0)
+
+
+@pytest.fixture
+def png_bytes():
+    """Encode a small test picture (any mode) as PNG or another format."""
+    import io
+
+    from PIL import Image
+
+    def make(size: tuple[int, int] = (80, 50), mode: str = "RGB", color: object = (200, 30, 30),
+             fmt: str = "PNG") -> bytes:
+        buffer = io.BytesIO()
+        Image.new(mode, size, color).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    return make
+
+
+@pytest.fixture
+async def make_bot(settings: Settings, studio, monkeypatch: pytest.MonkeyPatch):
+    """Build JanusBots on one data dir, as a restart would: each has its own executor and store connection."""
+    import discord
+
+    from bot.client import JanusBot
+    from bot.executor import GpuExecutor
+    from bot.store import UsageStore
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after the test
+    made: list[JanusBot] = []
+
+    async def make(**overrides: object) -> JanusBot:
+        current = settings.model_copy(update={"status_update_seconds": 0.0, **overrides})
+        store = await UsageStore.connect(current.database_path)
+        executor = GpuExecutor(current.queue_size, max_batch=current.max_batch_images,
+                               job_timeout=current.job_timeout_seconds, notify_interval=0.0)
+        bot = JanusBot(settings=current, store=store, executor=executor, studio=studio, shard_count=1)
+        made.append(bot)
+        return bot
+
+    yield make
+    for bot in made:
+        await bot.executor.close(grace=5)
+        await bot.store.close()
+
+
+@pytest.fixture
+async def simcord_bot(make_bot):
+    return await make_bot()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give SimCord room for real model work on a busy 2-core machine (it waits only as long as needed)."""
+    for item in items:
+        if item.get_closest_marker("simcord") is None:
+            item.add_marker(pytest.mark.simcord(settle_timeout=60))

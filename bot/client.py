@@ -1,0 +1,166 @@
+"""The Discord client: owns the services, loads the cogs, syncs commands, renders errors in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from bot.errors import UserFacingError
+from bot.executor import GpuExecutor, Reporter
+from bot.settings import Settings
+from bot.quota import Quota
+from bot.store import UsageStore
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.admin")
+SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
+SHUTDOWN_GRACE_SECONDS = 60.0
+
+
+def make_intents() -> discord.Intents:
+    intents = discord.Intents.default()
+    intents.message_content = True  # to read questions and the images of replied-to messages
+    return intents
+
+
+def point_at_discord(settings: Settings) -> None:
+    """Send REST calls to DISCORD_API_BASE and, when set, connect to DISCORD_GATEWAY_URL."""
+    discord.http.Route.BASE = settings.discord_api_base
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+class JanusBot(commands.AutoShardedBot):
+    """The bot: settings, usage store, GPU executor and (once loaded) the model studio, shared by all cogs."""
+
+    def __init__(self, *, settings: Settings, store: UsageStore, executor: GpuExecutor,
+                 studio: Any | None = None, shard_count: int | None = None) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=make_intents(),
+            help_command=None,
+            shard_count=shard_count,
+            allowed_mentions=discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True),
+        )
+        point_at_discord(settings)
+        self.settings, self.store, self.executor = settings, store, executor
+        self.quota = Quota(self)
+        self.studio = studio  # a bot.studio.Studio; loaded on the GPU thread in setup_hook when not given
+        self.started_at = time.perf_counter()
+        self.exit_code = 0
+        if settings.discord_gateway_url:
+            self._use_configured_gateway(settings.discord_gateway_url)
+
+    def _use_configured_gateway(self, url: str) -> None:
+        """Auto-sharding asks GET /gateway/bot for the shard count and URL; keep the count, use our URL."""
+        ask_discord = self.http.get_bot_gateway
+
+        async def get_bot_gateway() -> tuple[int, str, Any]:
+            shards, _url, limits = await ask_discord()
+            return shards, url, limits
+
+        self.http.get_bot_gateway = get_bot_gateway  # type: ignore[method-assign]
+
+    async def setup_hook(self) -> None:
+        self.executor.start()
+        if self.studio is None:
+            self.loop.create_task(self._load_studio(), name="load-model")
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        self.tree.on_error = self.on_app_command_error
+        await self.tree.sync()
+        if self.settings.dev_guild_id:
+            guild = discord.Object(self.settings.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+
+    async def _load_studio(self) -> None:
+        """Load the model as the executor's first job, so requests simply queue behind it."""
+        from bot.studio import StartupError, Studio
+
+        def load(_report: Reporter) -> None:
+            # Assigned on the GPU thread itself, so the jobs queued behind the load see it at once.
+            self.studio = Studio.load(self.settings, preview_seconds=self.settings.preview_seconds)
+
+        try:
+            await self.executor.submit(load, kind="load")
+        except StartupError as error:
+            log.critical("%s", error)
+            self.exit_code = 1
+            await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
+            await self.close()
+
+    def imagine_batch(self, requests: list[Any], reports: list[Reporter]) -> list[Any]:
+        """The executor's batch runner for /imagine (a bound method, so waiting requests batch together)."""
+        return self.studio.imagine_batch(requests, reports)
+
+    async def on_ready(self) -> None:
+        log.info("Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))
+
+    async def on_app_command_error(self, interaction: discord.Interaction,
+                                   error: app_commands.AppCommandError) -> None:
+        """Every slash command, context menu and button error ends here: a polite, ephemeral answer."""
+        original = getattr(error, "original", error)
+        if isinstance(original, UserFacingError | app_commands.CheckFailure):
+            text = str(original)
+        else:
+            command = interaction.command.qualified_name if interaction.command else "?"
+            log.error("Command %s failed", command, exc_info=original)
+            text = SORRY
+        await reply_privately(interaction, text)
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop taking requests, tell the queued members, let the running job finish, then log out."""
+        log.info("Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
+                 grace, max(self.executor.depth - len(self.executor.running), 0))
+        await self.executor.close(grace=grace)
+        await self.close()
+
+
+async def reply_privately(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral answer whether or not the interaction was already acknowledged; never raises."""
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as error:
+        log.warning("Could not tell %s: %s (%s)", interaction.user, text, error)
+
+
+async def run_bot(settings: Settings) -> int:
+    """`python -m bot`: open the store and the executor, connect, and serve until stopped."""
+    from bot.studio import StartupError
+
+    if settings.discord_token is None:
+        raise StartupError("DISCORD_TOKEN is not set: copy your bot's token from the Discord Developer Portal "
+                           "(Bot > Reset Token) into .env as DISCORD_TOKEN=...")
+    async with (
+        UsageStore.open(settings.database_path) as store,
+        GpuExecutor(settings.queue_size, max_batch=settings.max_batch_images, job_timeout=settings.job_timeout_seconds,
+                    notify_interval=settings.status_update_seconds) as executor,
+    ):
+        bot = JanusBot(settings=settings, store=store, executor=executor)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.shutdown()))
+        async with bot:
+            try:
+                await bot.start(settings.discord_token.get_secret_value())
+            except discord.LoginFailure:
+                raise StartupError("DISCORD_TOKEN was rejected by Discord: copy a fresh token from the "
+                                   "Developer Portal (Bot > Reset Token) into .env") from None
+            except discord.PrivilegedIntentsRequired:
+                raise StartupError("Discord refused the Message Content intent: turn it on in the Developer "
+                                   "Portal (Bot > Privileged Gateway Intents > Message Content)") from None
+    log.info("Logged out")
+    return bot.exit_code

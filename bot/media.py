@@ -1,0 +1,106 @@
+"""Discord attachments in, Discord files and messages out: the checks and limits of both directions."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import Sequence
+
+import discord
+from PIL import Image
+
+from bot.errors import BadAttachment
+from bot.images import IMAGE_EXTENSIONS, decode_image, encode_for_upload
+
+MESSAGE_LIMIT = 2000
+FILES_PER_MESSAGE = 10
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # Discord's limit for servers without boosts
+_ZERO_WIDTH = re.compile("[\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def is_image(attachment: discord.Attachment) -> bool:
+    """Judged by declared content type or file name, before anything is downloaded."""
+    if attachment.content_type:
+        return attachment.content_type.split(";")[0].strip().startswith("image/")
+    return attachment.filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+async def read_image(attachment: discord.Attachment, *, max_bytes: int) -> Image.Image:
+    """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment."""
+    if not is_image(attachment):
+        raise BadAttachment(f"`{clean_name(attachment.filename)}` isn't an image; I can read PNG, JPEG, WebP "
+                            "and GIF files.")
+    if attachment.size > max_bytes:
+        raise BadAttachment(f"`{clean_name(attachment.filename)}` is {attachment.size / 2**20:.1f} MiB; "
+                            f"the limit is {max_bytes / 2**20:g} MiB.")
+    try:
+        data = await attachment.read()
+    except discord.HTTPException:
+        raise BadAttachment(f"I couldn't download `{clean_name(attachment.filename)}`; please try again.") from None
+    if len(data) > max_bytes:  # the declared size lied
+        raise BadAttachment(f"`{clean_name(attachment.filename)}` is larger than the "
+                            f"{max_bytes / 2**20:g} MiB limit.")
+    return await asyncio.to_thread(decode_image, data)
+
+
+async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: int,
+                      limit: int) -> list[Image.Image]:
+    """The image attachments among `attachments` (at most `limit`); non-images are refused politely."""
+    return [await read_image(a, max_bytes=max_bytes) for a in attachments[:limit]]
+
+
+def clean_name(name: str) -> str:
+    return discord.utils.escape_markdown(clean_text(name))[:80]
+
+
+def clean_text(text: str) -> str:
+    """Drop zero-width and control characters (keeping newlines and tabs) and trim."""
+    return _CONTROL.sub("", _ZERO_WIDTH.sub("", text)).strip()
+
+
+def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """Split text into messages of at most `limit` characters, at a line, then sentence, then word break."""
+    chunks: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = window.rfind("\n")
+        if cut < limit // 2:
+            cut = max(window.rfind(". "), window.rfind("! "), window.rfind("? "))
+            cut = cut + 1 if cut >= limit // 2 else window.rfind(" ")
+        if cut < limit // 2:
+            cut = limit
+        chunks.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+def upload_limit(guild: discord.Guild | None) -> int:
+    return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+
+async def image_files(images: Sequence[Image.Image], stem: str, *, limit: int) -> list[list[discord.File]]:
+    """Encode images as files and group them into messages that respect Discord's count and size limits."""
+    per_image = limit // 2 if len(images) > 1 else limit  # leave room so most groups hold several images
+    encoded = await asyncio.to_thread(lambda: [encode_for_upload(image, per_image) for image in images])
+    groups: list[list[discord.File]] = [[]]
+    size = 0
+    for index, (data, extension) in enumerate(encoded):
+        if groups[-1] and (len(groups[-1]) == FILES_PER_MESSAGE or size + len(data) > limit):
+            groups.append([])
+            size = 0
+        groups[-1].append(discord.File(io.BytesIO(data), filename=f"{stem}_{index + 1}.{extension}"))
+        size += len(data)
+    return groups
+
+
+def quote(text: str, limit: int = 300) -> str:
+    """User text, shortened and stripped of formatting that could break out of our message."""
+    text = clean_text(text).replace("\n", " ")
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return discord.utils.escape_markdown(text)

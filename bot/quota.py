@@ -1,0 +1,92 @@
+"""Admission of each request against its server's rules, and the moderation log those rules may ask for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import discord
+from PIL import Image
+
+from bot.errors import BadPrompt, QuotaExceeded
+from bot.limits import Kind, Policy, banned_word_in
+from bot.media import image_files, quote, upload_limit
+from bot.store import Charge
+
+if TYPE_CHECKING:
+    from bot.client import JanusBot
+
+log = logging.getLogger(__name__)
+
+Place = discord.abc.Messageable
+
+
+def is_nsfw(channel: object) -> bool:
+    """Age-restricted channel (threads follow their parent); DMs count as not."""
+    checker = getattr(channel, "is_nsfw", None)
+    return bool(checker and checker())
+
+
+class Quota:
+    """Channel, NSFW, prompt and usage checks in one call, then an atomic charge that can be refunded."""
+
+    def __init__(self, bot: JanusBot) -> None:
+        self.bot = bot
+        self.defaults = Policy.defaults(bot.settings)
+
+    async def policy(self, guild: discord.Guild | None) -> Policy:
+        return self.defaults if guild is None else await self.bot.store.policy(guild.id, self.defaults)
+
+    async def admit(self, kind: Kind, *, guild: discord.Guild | None, channel: Place,
+                    user: discord.abc.User, text: str) -> Charge:
+        """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see."""
+        if guild is None and not self.bot.settings.allow_dms:
+            raise QuotaExceeded("I only work in servers, not in direct messages.")
+        policy = await self.policy(guild)
+        channel_id = getattr(channel, "parent_id", None) or getattr(channel, "id", 0)
+        if guild is not None and not policy.allows_channel(channel_id):
+            places = ", ".join(f"<#{cid}>" for cid in sorted(policy.allowed_channels)[:10])
+            raise QuotaExceeded(f"I'm not enabled in this channel on this server; try {places}.")
+        if kind == "imagine" and policy.nsfw_only and not is_nsfw(channel):
+            raise QuotaExceeded("On this server, /imagine works only in age-restricted (NSFW) channels.")
+        if len(text) > policy.max_prompt_length:
+            raise BadPrompt(f"That's {len(text)} characters; the limit here is {policy.max_prompt_length}. "
+                            "Please shorten it and try again.")
+        if (word := banned_word_in(text, policy.banned_words)) is not None:
+            raise BadPrompt(f"That contains “{quote(word, 40)}”, which this server doesn't allow.")
+        roles = [role.id for role in getattr(user, "roles", ())]
+        charge = await self.bot.store.charge(
+            guild.id if guild else 0, user.id, kind, now=discord.utils.utcnow(), policy=policy,
+            exempt=policy.exempts(roles), queued=self.bot.executor.jobs_of(user.id),
+        )
+        if not charge.decision.allowed:
+            raise QuotaExceeded(charge.decision.reason)
+        return charge
+
+    async def refund(self, charge: Charge) -> None:
+        await self.bot.store.refund(charge)
+
+    async def report(self, kind: Kind, *, guild: discord.Guild | None, channel: Place, user: discord.abc.User,
+                     text: str, result: discord.Message | None = None, answer: str | None = None,
+                     images: Sequence[Image.Image] = ()) -> None:
+        """Post who asked what, where, and what came back, to the server's moderation log channel (if any)."""
+        if guild is None:
+            return
+        policy = await self.policy(guild)
+        target = guild.get_channel(policy.log_channel_id) if policy.log_channel_id else None
+        if not isinstance(target, discord.abc.Messageable):
+            return
+        what = "/imagine" if kind == "imagine" else "question"
+        lines = [f"**{what}** by {user.mention} (`{user.id}`) in {getattr(channel, 'mention', '?')}",
+                 f"> {quote(text, 1000)}"]
+        if answer is not None:
+            lines.append(f"Answer: {quote(answer, 700)}")
+        if result is not None:
+            lines.append(f"Result: {result.jump_url}")
+        groups = await image_files(images, "log", limit=upload_limit(guild)) if images else [[]]
+        try:
+            await target.send("\n".join(lines)[:2000], files=groups[0],
+                              allowed_mentions=discord.AllowedMentions.none())
+        except discord.HTTPException as error:
+            log.warning("Could not post to the moderation log of %s: %s", guild.id, error)

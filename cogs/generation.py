@@ -1,0 +1,301 @@
+"""/imagine: a live status (queue position, progress, row-by-row previews), then a gallery with buttons."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from bot.client import reply_privately
+from bot.engine import ImagineRequest
+from bot.errors import UserFacingError
+from bot.executor import Job
+from bot.images import encode_png
+from bot.media import clean_text, image_files, quote, upload_limit
+from bot.store import Charge, Gallery
+
+if TYPE_CHECKING:
+    from bot.client import JanusBot
+
+log = logging.getLogger(__name__)
+
+PREVIEW_SIDE = 256  # px of each preview tile in the status message
+UNKNOWN_INTERACTION = (10015, 10062)  # Discord's codes for an expired interaction token
+
+
+@dataclass
+class Delivery:
+    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
+
+    interaction: discord.Interaction
+    expired: bool = False
+
+    async def edit(self, **fields: Any) -> discord.Message | None:
+        if self.expired:
+            return None
+        try:
+            return await self.interaction.edit_original_response(**fields)
+        except discord.NotFound:
+            self.expired = True
+        except discord.HTTPException as error:
+            log.warning("Could not update the /imagine response: %s", error)
+        return None
+
+    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
+                   first: bool) -> discord.Message:
+        if first:
+            message = await self.edit(content=content, attachments=files, view=view)
+            if message is not None:
+                return message
+        elif not self.expired:
+            try:
+                return await self.interaction.followup.send(content, files=files, wait=True)
+            except discord.HTTPException as error:
+                log.warning("Follow-up failed (%s); posting in the channel instead", error)
+        for file in files:
+            file.reset()
+        mention = self.interaction.user.mention
+        return await self.interaction.channel.send(  # type: ignore[union-attr]
+            f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
+            allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+        )
+
+
+class Generation(commands.Cog):
+    """Draws images with Janus-Pro and upscales them."""
+
+    def __init__(self, bot: JanusBot) -> None:
+        self.bot = bot
+
+    @app_commands.command()
+    @app_commands.describe(
+        prompt="What to draw",
+        count="How many images (1-10)",
+        guidance="How closely to follow the prompt (1-10, default 5)",
+        temperature="Randomness (0-1, default 1; 0 always picks the likeliest)",
+        seed="Same seed and settings, same images",
+    )
+    async def imagine(
+        self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 2000],
+        count: app_commands.Range[int, 1, 10] | None = None,
+        guidance: app_commands.Range[float, 1.0, 10.0] | None = None,
+        temperature: app_commands.Range[float, 0.0, 1.0] | None = None,
+        seed: app_commands.Range[int, 0, 2**31 - 1] | None = None,
+    ) -> None:
+        """Draw images from a prompt."""
+        request = ImagineRequest(
+            prompt=clean_text(prompt),
+            count=count or self.bot.settings.images_per_prompt,
+            guidance=5.0 if guidance is None else guidance,
+            temperature=1.0 if temperature is None else temperature,
+            seed=random.randrange(2**31) if seed is None else seed,
+        )
+        await self.run(interaction, request)
+
+    async def run(self, interaction: discord.Interaction, request: ImagineRequest) -> None:
+        """Admit, queue, show progress and deliver one /imagine request (also used by Re-roll)."""
+        if not request.prompt:
+            await reply_privately(interaction, "Please tell me what to draw.")
+            return
+        try:
+            charge = await self.bot.quota.admit("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                                user=interaction.user, text=request.prompt)
+        except UserFacingError as error:
+            await reply_privately(interaction, str(error))
+            return
+        try:
+            job = self.bot.executor.submit_batched(self.bot.imagine_batch, request, weight=request.count,
+                                                   kind="imagine", owner=interaction.user.id)
+        except UserFacingError as error:
+            await self.bot.quota.refund(charge)
+            await reply_privately(interaction, str(error))
+            return
+        await interaction.response.defer(thinking=True)
+        delivery = Delivery(interaction)
+        try:
+            images = await self.follow(job, request, delivery)
+        except UserFacingError as error:
+            await self.bot.quota.refund(charge)
+            await delivery.send(f"⚠️ {error}", [], None, first=True)
+            return
+        except BaseException:
+            await self.bot.quota.refund(charge)
+            raise
+        await self.deliver(interaction, request, images, delivery, charge)
+
+    async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
+                     delivery: Delivery) -> list[Image.Image]:
+        """Keep the status message current until the job is done; return its images."""
+        interval, last = self.bot.settings.status_update_seconds, float("-inf")
+        shown_preview = None
+        while not job.done():
+            await job.changed.wait()
+            job.changed.clear()
+            if job.done() or time.perf_counter() - last < interval:
+                continue
+            last = time.perf_counter()
+            preview = job.progress.preview if job.progress else None
+            fields: dict[str, Any] = {"content": status_text(job, request)}
+            if preview is not None and preview is not shown_preview:
+                shown_preview = preview
+                data = await asyncio.to_thread(lambda: encode_png(contact_sheet(preview)))
+                fields["attachments"] = [discord.File(__import__("io").BytesIO(data), "preview.png")]
+            await delivery.edit(**fields)
+        return await job
+
+    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, images: list[Image.Image],
+                      delivery: Delivery, charge: Charge) -> None:
+        gallery_id = await self.bot.store.save_gallery(
+            Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
+                    count=request.count, guidance=request.guidance, temperature=request.temperature,
+                    seed=request.seed)
+        )
+        groups = await image_files(images, f"janus_{request.seed}", limit=upload_limit(interaction.guild))
+        caption = gallery_caption(request, interaction.user, images[0].size if images else (0, 0))
+        first_message = None
+        for index, files in enumerate(groups):
+            part = f" ({index + 1}/{len(groups)})" if len(groups) > 1 else ""
+            view = GalleryView(gallery_id, len(files)) if index == 0 else None
+            message = await delivery.send(caption + part, files, view, first=index == 0)
+            first_message = first_message or message
+        await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                    user=interaction.user, text=request.prompt, result=first_message,
+                                    images=images)
+
+    # ---- buttons ---------------------------------------------------------------------------------------
+
+    async def reroll(self, interaction: discord.Interaction, gallery_id: int) -> None:
+        gallery = await self.bot.store.gallery(gallery_id)
+        if gallery is None:
+            await reply_privately(interaction, "I no longer know this gallery's prompt; please use /imagine.")
+            return
+        count = min(gallery.count, 10)
+        await self.run(interaction, ImagineRequest(gallery.prompt, count=count, guidance=gallery.guidance,
+                                                   temperature=gallery.temperature, seed=random.randrange(2**31)))
+
+    async def delete(self, interaction: discord.Interaction, gallery_id: int) -> None:
+        gallery = await self.bot.store.gallery(gallery_id)
+        permissions = interaction.permissions
+        if not (gallery and gallery.requester_id == interaction.user.id) and not permissions.manage_messages:
+            await reply_privately(interaction, "Only the person who asked for these images, or a moderator, "
+                                               "can delete them.")
+            return
+        try:
+            await interaction.message.delete()  # type: ignore[union-attr]
+        except discord.HTTPException as error:
+            await reply_privately(interaction, f"I couldn't delete that message ({error.text or error.status}).")
+            return
+        await reply_privately(interaction, "Deleted.")
+
+    async def describe(self, interaction: discord.Interaction, index: int) -> None:
+        attachments = interaction.message.attachments if interaction.message else []
+        if not 0 <= index < len(attachments):
+            await reply_privately(interaction, "That image is no longer there.")
+            return
+        understanding = self.bot.get_cog("Understanding")
+        await understanding.answer_interaction(interaction, [attachments[index]], "Describe this image in detail.")  # type: ignore[union-attr]
+
+
+def status_text(job: Job[Any], request: ImagineRequest) -> str:
+    what = f"**{quote(request.prompt, 200)}**"
+    if job.position:
+        ahead = job.position - 1
+        return f"🕐 Waiting in line: #{job.position} ({ahead} ahead) — {what}"
+    if job.progress is None:
+        return f"🎨 Starting… — {what}"
+    done, total = job.progress.done, job.progress.total
+    filled = round(10 * done / max(total, 1))
+    return f"🎨 Drawing {request.count} image(s): {'▰' * filled}{'▱' * (10 - filled)} {100 * done // max(total, 1)}% — {what}"
+
+
+def gallery_caption(request: ImagineRequest, user: discord.abc.User, size: tuple[int, int]) -> str:
+    return (f"**{quote(request.prompt, 1500)}** — {user.mention}\n"
+            f"seed `{request.seed}` · guidance {request.guidance:g} · temperature {request.temperature:g} · "
+            f"{request.count} image(s) · {size[0]}×{size[1]}")
+
+
+def contact_sheet(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """Previews side by side (up to `columns` per row), each shrunk to PREVIEW_SIDE."""
+    tiles = [image.resize((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.NEAREST) for image in images]
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * PREVIEW_SIDE, rows * PREVIEW_SIDE), (32, 32, 32))
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, ((index % cols) * PREVIEW_SIDE, (index // cols) * PREVIEW_SIDE))
+    return sheet
+
+
+# ---- persistent components: they carry the gallery id, so they keep working after a restart -----------
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:reroll:(?P<gallery>\d+)"):
+    def __init__(self, gallery_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Re-roll", emoji="🎲", style=discord.ButtonStyle.primary,
+                                           custom_id=f"janus:reroll:{gallery_id}"))
+        self.gallery_id = gallery_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match: re.Match[str]) -> RerollButton:
+        return cls(int(match["gallery"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await generation_cog(interaction).reroll(interaction, self.gallery_id)
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:delete:(?P<gallery>\d+)"):
+    def __init__(self, gallery_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Delete", emoji="🗑️", style=discord.ButtonStyle.danger,
+                                           custom_id=f"janus:delete:{gallery_id}"))
+        self.gallery_id = gallery_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match: re.Match[str]) -> DeleteButton:
+        return cls(int(match["gallery"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await generation_cog(interaction).delete(interaction, self.gallery_id)
+
+
+class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"janus:describe:(?P<gallery>\d+):(?P<n>\d+)"):
+    def __init__(self, gallery_id: int, count: int) -> None:
+        options = [discord.SelectOption(label=f"Image {i + 1}", value=str(i)) for i in range(max(count, 1))]
+        super().__init__(discord.ui.Select(placeholder="🔍 Describe an image…", options=options,
+                                           custom_id=f"janus:describe:{gallery_id}:{count}"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select,
+                             match: re.Match[str]) -> DescribeSelect:
+        return cls(int(match["gallery"]), int(match["n"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await generation_cog(interaction).describe(interaction, int(self.item.values[0]))
+
+
+class GalleryView(discord.ui.View):
+    """Re-roll, Delete and Describe under a gallery; built from persistent dynamic items."""
+
+    def __init__(self, gallery_id: int, count: int) -> None:
+        super().__init__(timeout=None)
+        self.add_item(RerollButton(gallery_id))
+        self.add_item(DeleteButton(gallery_id))
+        self.add_item(DescribeSelect(gallery_id, count))
+
+
+def generation_cog(interaction: discord.Interaction) -> Generation:
+    return interaction.client.get_cog("Generation")  # type: ignore[attr-defined,return-value]
+
+
+async def setup(bot: JanusBot) -> None:
+    bot.add_dynamic_items(RerollButton, DeleteButton, DescribeSelect)
+    await bot.add_cog(Generation(bot))

@@ -1,0 +1,304 @@
+"""Questions about images: mentions, replies and reply chains, /describe, and the "Ask Janus" menu."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from bot.client import reply_privately
+from bot.engine import AskRequest, Turn
+from bot.errors import UserFacingError
+from bot.executor import Job
+from bot.media import clean_text, is_image, read_images, split_message
+from bot.store import Charge
+
+if TYPE_CHECKING:
+    from bot.client import JanusBot
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 4  # images per question
+MAX_TURNS = 8  # earlier messages of a reply chain given as context
+MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
+DESCRIBE = "Describe this image in detail."
+NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
+TYPING_CURSOR = " ▌"
+
+
+class AnswerOutput(Protocol):
+    """Where a streamed answer goes: a reply to a message, or an interaction's response."""
+
+    async def show(self, text: str) -> None: ...
+    async def finish(self, chunks: list[str]) -> None: ...
+
+
+class ReplyOutput:
+    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain walkable."""
+
+    def __init__(self, message: discord.Message) -> None:
+        self.message, self.reply = message, None
+
+    async def show(self, text: str) -> None:
+        try:
+            if self.reply is None:
+                self.reply = await self.message.reply(text)
+            else:
+                await self.reply.edit(content=text)
+        except discord.HTTPException as error:  # a missed progress update is harmless
+            log.debug("Streaming update failed: %s", error)
+
+    async def finish(self, chunks: list[str]) -> None:
+        first, *rest = chunks
+        previous = await self._final_first(first)
+        for chunk in rest:
+            previous = await previous.reply(chunk, mention_author=False)
+
+    async def _final_first(self, text: str) -> discord.Message:
+        if self.reply is not None:
+            try:
+                return await self.reply.edit(content=text)
+            except discord.HTTPException:
+                log.warning("Could not edit the streamed reply; sending the answer anew")
+        try:
+            return await self.message.reply(text)
+        except discord.HTTPException:  # e.g. the question was deleted meanwhile
+            return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
+                                                   allowed_mentions=discord.AllowedMentions(users=True))
+
+
+class InteractionOutput:
+    """Streams into a deferred interaction's original response; further chunks are follow-ups."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+
+    async def show(self, text: str) -> None:
+        try:
+            await self.interaction.edit_original_response(content=text)
+        except discord.HTTPException as error:
+            log.debug("Streaming update failed: %s", error)
+
+    async def finish(self, chunks: list[str]) -> None:
+        first, *rest = chunks
+        try:
+            await self.interaction.edit_original_response(content=first)
+            for chunk in rest:
+                await self.interaction.followup.send(chunk)
+        except discord.HTTPException:  # the token expired (15 min) or Discord failed: post in the channel
+            channel = self.interaction.channel
+            mention = self.interaction.user.mention
+            for chunk in chunks:
+                await channel.send(f"{mention} {chunk}"[:2000], allowed_mentions=discord.AllowedMentions(users=True))  # type: ignore[union-attr]
+
+
+class Understanding(commands.Cog):
+    """Janus answers questions about images (and without them, as a language model)."""
+
+    def __init__(self, bot: JanusBot) -> None:
+        self.bot = bot
+        self.ask_menu = app_commands.ContextMenu(name="Ask Janus", callback=self.ask_about_message)
+        bot.tree.add_command(self.ask_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.ask_menu.name, type=self.ask_menu.type)
+
+    # ---- the shared path -------------------------------------------------------------------------------
+
+    async def answer(self, output: AnswerOutput, charge: Charge, *, user: discord.abc.User,
+                     guild: discord.Guild | None, channel: discord.abc.Messageable, question: str,
+                     images: list[Image.Image], history: list[Turn] | None = None) -> None:
+        """Queue, stream and deliver one admitted answer. A request that fails is refunded and the
+        UserFacingError (or unexpected error) goes to the caller."""
+        request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
+                             max_new_tokens=self.bot.settings.max_answer_tokens)
+        try:
+            job = self.bot.executor.submit(lambda report: self.bot.studio.ask(request, report),
+                                           kind="ask", owner=user.id)
+            answer = await self.stream(job, output)
+        except BaseException:
+            await self.bot.quota.refund(charge)
+            raise
+        await output.finish(split_message(answer) or [NO_ANSWER])
+        await self.bot.quota.report("ask", guild=guild, channel=channel, user=user, text=question, answer=answer)
+
+    async def stream(self, job: Job[str], output: AnswerOutput) -> str:
+        """Show the answer as it grows, at most once per STATUS_UPDATE_SECONDS; return the final text."""
+        interval, last = self.bot.settings.status_update_seconds, float("-inf")
+        while not job.done():
+            await job.changed.wait()
+            job.changed.clear()
+            partial = job.progress.preview if job.progress else None
+            if partial and not job.done() and time.perf_counter() - last >= interval:
+                last = time.perf_counter()
+                await output.show(split_message(partial)[-1][:1990] + TYPING_CURSOR)
+        return await job
+
+    # ---- mentions and replies --------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if not await self.is_for_me(message):
+            return
+        try:
+            question, images, history = await self.read_conversation(message)
+            charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
+                                                user=message.author, text=question)
+            async with message.channel.typing():
+                await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
+                                  channel=message.channel, question=question, images=images, history=history)
+        except UserFacingError as error:
+            await self.tell(message, str(error))
+
+    async def tell(self, message: discord.Message, text: str) -> None:
+        try:
+            await message.reply(text, mention_author=False)
+        except discord.HTTPException as error:
+            log.warning("Could not answer %s in %s: %s", message.author, message.channel, error)
+
+    async def is_for_me(self, message: discord.Message) -> bool:
+        """A member's message that mentions the bot, replies to it, or (when DMs are on) is a DM."""
+        me = self.bot.user
+        if message.author.bot or me is None or message.author.id == me.id:
+            return False
+        if message.guild is None:
+            return self.bot.settings.allow_dms
+        if me in message.mentions:
+            return True
+        replied = await self.resolve(message)
+        return replied is not None and replied.author.id == me.id
+
+    async def read_conversation(self, message: discord.Message) -> tuple[str, list[Image.Image], list[Turn]]:
+        """The question, its images and, for a reply chain with the bot, the earlier turns."""
+        question = self.strip_mention(message.content)
+        max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
+        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
+        history: list[Turn] = []
+        replied = await self.resolve(message)
+        if replied is not None and self.bot.user and replied.author.id == self.bot.user.id:
+            history = await self.earlier_turns(replied)
+        elif replied is not None:  # a question about someone else's message
+            pictures = [a for a in replied.attachments if is_image(a)]
+            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES) + images
+            if not pictures and replied.content:
+                question = f'About this message: "{clean_text(replied.content)[:1000]}"\n\n{question}'.strip()
+        if not question:
+            question = DESCRIBE if images else "Hello!"
+        return question, images[:MAX_IMAGES], history
+
+    async def earlier_turns(self, newest: discord.Message) -> list[Turn]:
+        """Walk the reply chain back from the bot's message: bounded turns and images, oldest first."""
+        turns: list[Turn] = []
+        budget = MAX_HISTORY_IMAGES
+        current: discord.Message | None = newest
+        max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
+        while current is not None and len(turns) < MAX_TURNS:
+            if self.bot.user and current.author.id == self.bot.user.id:
+                if turns and turns[-1].role == "assistant":  # an answer split over several messages
+                    turns[-1] = Turn("assistant", f"{current.content}\n{turns[-1].text}")
+                else:
+                    turns.append(Turn("assistant", current.content))
+            else:
+                pictures = [a for a in current.attachments if is_image(a)][:budget]
+                try:
+                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget)
+                except UserFacingError:
+                    images = []
+                budget -= len(images)
+                turns.append(Turn("user", self.strip_mention(current.content) or DESCRIBE, tuple(images)))
+            current = await self.resolve(current)
+        return turns[::-1]
+
+    async def resolve(self, message: discord.Message) -> discord.Message | None:
+        """The message this one replies to, if it still exists."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        if isinstance(reference.resolved, discord.Message):
+            return reference.resolved
+        try:
+            return await message.channel.fetch_message(reference.message_id)
+        except discord.HTTPException:
+            return None
+
+    def strip_mention(self, text: str) -> str:
+        if self.bot.user is not None:
+            text = re.sub(rf"<@!?{self.bot.user.id}>", "", text)
+        return clean_text(text)
+
+    # ---- slash command and context menu ----------------------------------------------------------------
+
+    @app_commands.command()
+    @app_commands.describe(image="The image to look at", question="What you want to know (default: describe it)")
+    async def describe(self, interaction: discord.Interaction, image: discord.Attachment,
+                       question: app_commands.Range[str, 1, 2000] | None = None) -> None:
+        """Ask Janus about an image."""
+        await self.answer_interaction(interaction, [image], clean_text(question or "") or DESCRIBE)
+
+    async def ask_about_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """Context menu: ask about the images of any message (a short form asks what to ask)."""
+        pictures = [a for a in message.attachments if is_image(a)]
+        if not pictures:
+            await reply_privately(interaction, "That message has no image to ask about.")
+            return
+        await interaction.response.send_modal(AskModal(self, pictures))
+
+    async def answer_interaction(self, interaction: discord.Interaction, attachments: list[discord.Attachment],
+                                 question: str) -> None:
+        """The interaction flavour: refusals are ephemeral, the answer is public."""
+        try:
+            charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                                user=interaction.user, text=question)
+        except UserFacingError as error:
+            await reply_privately(interaction, str(error))
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
+            images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
+        except UserFacingError as error:  # nothing public to show: take the "thinking" message back
+            await self.bot.quota.refund(charge)
+            await withdraw(interaction, str(error))
+            return
+        try:
+            await self.answer(InteractionOutput(interaction), charge, user=interaction.user,
+                              guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                              question=question, images=images)
+        except UserFacingError as error:
+            await InteractionOutput(interaction).finish([str(error)])
+
+
+async def withdraw(interaction: discord.Interaction, text: str) -> None:
+    """Replace a deferred public response by an ephemeral note to the member."""
+    try:
+        await interaction.delete_original_response()
+    except discord.HTTPException:
+        pass
+    await reply_privately(interaction, text)
+
+
+class AskModal(discord.ui.Modal, title="Ask Janus"):
+    """The question to ask about a message's images."""
+
+    question: discord.ui.TextInput[AskModal] = discord.ui.TextInput(
+        label="Your question", placeholder=DESCRIBE, required=False, max_length=2000,
+        style=discord.TextStyle.paragraph,
+    )
+
+    def __init__(self, cog: Understanding, attachments: list[discord.Attachment]) -> None:
+        super().__init__()
+        self.cog, self.attachments = cog, attachments
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.cog.answer_interaction(interaction, self.attachments, clean_text(self.question.value) or DESCRIBE)
+
+
+async def setup(bot: JanusBot) -> None:
+    await bot.add_cog(Understanding(bot))
