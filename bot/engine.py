@@ -20,6 +20,8 @@ from bot.images import to_rgb
 
 log = logging.getLogger(__name__)
 
+PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this when shapes must repeat (static cache)
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -64,7 +66,7 @@ class ImageBatch:
     guidance: torch.Tensor  # [B, 1] float
     temperature: torch.Tensor  # [B, 1] float, 0 = greedy
     uniforms: torch.Tensor  # [B, n_img] float in [0, 1), drawn from each request's own seed
-    spans: list[slice] = field(default_factory=list)  # each request's rows among the B
+    spans: list[slice] = field(default_factory=list)  # each request's rows among the B (filler rows follow)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,7 +99,7 @@ class _TextReporter(BaseStreamer):
             self.prompt_seen = True
             return
         self.tokens.extend(value.reshape(-1).tolist())
-        now = time.monotonic()
+        now = time.perf_counter()
         if now - self.last >= self.interval:
             self.last = now
             self.report(Progress(len(self.tokens), self.total, self.decode(self.tokens)))
@@ -110,8 +112,15 @@ class JanusEngine:
     """A loaded Janus-Pro model and processor on one device."""
 
     def __init__(self, model: JanusForConditionalGeneration, processor: AutoProcessor, *,
-                 preview_seconds: float | None = None) -> None:
+                 preview_seconds: float | None = None, static_cache: bool = False, compile: bool = False) -> None:
         self.model, self.processor = model, processor
+        # A static KV cache keeps every decode step's shapes fixed, which torch.compile / CUDA graphs need.
+        self.static_cache = static_cache or compile
+        self.decode_step = (
+            torch.compile(self._forward, mode="reduce-overhead" if model.device.type == "cuda" else "default",
+                          dynamic=False)
+            if compile else self._forward
+        )
         self.tokenizer = processor.tokenizer
         self.device, self.dtype = model.device, model.dtype
         self.preview_seconds = preview_seconds  # None: no previews; 0: after every finished row
@@ -125,7 +134,7 @@ class JanusEngine:
 
     @classmethod
     def load(cls, model_name: str, *, device: str = "auto", dtype: str = "auto",
-             preview_seconds: float | None = None) -> JanusEngine:
+             preview_seconds: float | None = None, compile: bool = False) -> JanusEngine:
         """Load from a hub id or a local directory onto the chosen device."""
         started = time.perf_counter()
         target = resolve_device(device)
@@ -133,7 +142,7 @@ class JanusEngine:
         processor = AutoProcessor.from_pretrained(model_name)
         model = JanusForConditionalGeneration.from_pretrained(model_name, dtype=torch_dtype)
         model.to(target).eval()
-        engine = cls(model, processor, preview_seconds=preview_seconds)
+        engine = cls(model, processor, preview_seconds=preview_seconds, compile=compile)
         params = sum(p.numel() for p in model.parameters())
         log.info("Loaded %s on %s (%s, %.2f B params) in %.1fs; images %dpx from %d tokens",
                  model_name, target, torch_dtype, params / 1e9, time.perf_counter() - started,
@@ -184,15 +193,24 @@ class JanusEngine:
 
     def prepare_batch(self, requests: Sequence[ImagineRequest]) -> ImageBatch:
         """Lay out every request's conditional and unconditional rows, left-padded to one length."""
+        real = list(requests)
+        total = sum(r.count for r in real)
+        if self.static_cache and total & (total - 1):
+            # Compiled shapes repeat only if batches come in a few sizes: fill up to a power of two with
+            # greedy rows whose images are thrown away.
+            filler = ImagineRequest(real[-1].prompt, count=(1 << total.bit_length()) - total, temperature=0)
+            requests = [*real, filler]
+        # With a static cache, prompt lengths are rounded up too (left padding), for the same reason.
         inputs = self.processor(text=[self.prompt_text(r.prompt) for r in requests], generation_mode="image",
-                                padding=True, return_tensors="pt")
+                                padding=True, pad_to_multiple_of=PROMPT_BUCKET if self.static_cache else None,
+                                return_tensors="pt")
         counts = torch.tensor([r.count for r in requests])
         cond = inputs["input_ids"].repeat_interleave(counts, dim=0)  # [B, L] prompt-major, as HF does
         mask = inputs["attention_mask"].repeat_interleave(counts, dim=0)
         uncond = cond.clone()  # keep only BOS and <begin_of_image>, as DeepSeek's demo and HF's port do
         uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
         spans, start = [], 0
-        for r in requests:
+        for r in real:
             spans.append(slice(start, start + r.count))
             start += r.count
         uniforms = torch.cat([
@@ -201,7 +219,7 @@ class JanusEngine:
         ])
         per_row = lambda values: torch.tensor(values, dtype=torch.float32).repeat_interleave(counts)[:, None]  # noqa: E731
         return ImageBatch(
-            requests=requests,
+            requests=real,
             input_ids=torch.cat([cond, uncond]).to(self.device),
             attention_mask=torch.cat([mask, mask]).to(self.device),
             guidance=per_row([r.guidance for r in requests]).to(self.device),
@@ -210,7 +228,9 @@ class JanusEngine:
             spans=spans,
         )
 
-    def _new_cache(self, batch: ImageBatch) -> DynamicCache | StaticCache:
+    def _new_cache(self, max_length: int) -> DynamicCache | StaticCache:
+        if self.static_cache:
+            return StaticCache(config=self.model.config.text_config, max_cache_len=max_length)
         return DynamicCache(config=self.model.config.text_config)
 
     def _forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -237,22 +257,29 @@ class JanusEngine:
     @torch.inference_mode()
     def generate_tokens(self, batch: ImageBatch, reports: Sequence[Reporter] = ()) -> torch.Tensor:
         """The image tokens of every row: [B, n_img] long. Reports progress (and previews) per request."""
-        rows = batch.input_ids.shape[0] // 2
+        rows, prompt_length = batch.input_ids.shape[0] // 2, batch.input_ids.shape[1]
         n_img = self.num_image_tokens
         tokens = torch.zeros((rows, n_img), dtype=torch.long, device=self.device)  # [B, n_img]
-        mask = batch.attention_mask  # [2B, L]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [2B, L]; left padding keeps positions from 0
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [2B, L]; left padding starts at 0
         embeds = self.model.get_input_embeddings()(batch.input_ids)  # [2B, L, D]
-        cache = self._new_cache(batch)
-        ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=self.device)
-        last_preview = time.monotonic()
+        cache = self._new_cache(prompt_length + n_img)
+        if self.static_cache:  # one mask of the cache's full length, filled in as tokens are added
+            mask = torch.zeros((2 * rows, prompt_length + n_img), dtype=torch.long, device=self.device)
+            mask[:, :prompt_length] = batch.attention_mask  # [2B, L + n_img]
+        else:
+            mask = batch.attention_mask  # [2B, L], grows by one column per step
+        last_preview = time.perf_counter()
         for step in range(n_img):
-            logits = self._forward(embeds, mask, positions, cache)  # [2B, V]
+            forward = self._forward if step == 0 else self.decode_step  # prefill eager, decode maybe compiled
+            logits = forward(embeds, mask, positions, cache)  # [2B, V]
             chosen = self.sample(logits, batch, step)  # [B]
             tokens[:, step] = chosen
             embeds = self.model.prepare_embeddings_for_image_generation(chosen.repeat(2)).unsqueeze(1)  # [2B,1,D]
             positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, ones], dim=1)
+            if self.static_cache:
+                mask[:, prompt_length + step] = 1
+            else:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             if reports:
                 last_preview = self._report_step(batch, tokens, step + 1, reports, last_preview)
         return tokens
@@ -261,12 +288,12 @@ class JanusEngine:
                      last_preview: float) -> float:
         preview_due = (
             self.preview_seconds is not None and done < self.num_image_tokens and done % self.grid == 0
-            and time.monotonic() - last_preview >= self.preview_seconds
+            and time.perf_counter() - last_preview >= self.preview_seconds
         )
-        previews = self.preview(tokens, done) if preview_due else None
+        previews = self.preview(tokens[: batch.spans[-1].stop], done) if preview_due else None
         for span, report in zip(batch.spans, reports, strict=True):
             report(Progress(done, self.num_image_tokens, previews[span] if previews else None))
-        return time.monotonic() if preview_due else last_preview
+        return time.perf_counter() if preview_due else last_preview
 
     def preview(self, tokens: torch.Tensor, done: int) -> list[Image.Image]:
         """The rows drawn so far of every image, the rest left grey."""
@@ -292,7 +319,7 @@ class JanusEngine:
         """Draw every request's images in one loop; each request gets the images it would get alone."""
         batch = self.prepare_batch(requests)
         tokens = self.generate_tokens(batch, reports)
-        images = self.decode(tokens)
+        images = self.decode(tokens[: batch.spans[-1].stop])  # filler rows (static cache) are not decoded
         return [images[span] for span in batch.spans]
 
     def imagine(self, request: ImagineRequest, report: Reporter | None = None) -> list[Image.Image]:

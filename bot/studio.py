@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from bot.engine import AskRequest, ImagineRequest, JanusEngine
+from bot.engine import AskRequest, ImagineRequest, JanusEngine, resolve_device
 from bot.errors import JobFailed
 from bot.executor import Reporter
 from bot.settings import Settings
@@ -31,21 +33,44 @@ class Studio:
 
     @classmethod
     def load(cls, settings: Settings, *, preview_seconds: float | None = None) -> Studio:
-        """Load Janus and the upscaler, turning every way this can fail into one StartupError line."""
+        """Load the upscaler, then Janus, turning every way this can fail into one StartupError line.
+
+        The small upscaler goes first, so a bad UPSCALER_WEIGHTS is reported before minutes of model loading."""
         try:
-            engine = JanusEngine.load(settings.janus_model, device=settings.janus_device,
-                                      dtype=settings.janus_dtype, preview_seconds=preview_seconds)
-        except Exception as error:  # noqa: BLE001 - hub errors, missing files, bad configs, CUDA...
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise StartupError(f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}") from error
+            device = resolve_device(settings.janus_device)
+        except RuntimeError as error:  # JANUS_DEVICE=cuda without a GPU: name that setting, not JANUS_MODEL
+            raise StartupError(str(error)) from None
+        if _is_missing_directory(settings.janus_model):
+            raise StartupError(f"JANUS_MODEL: {settings.janus_model} does not exist; set JANUS_MODEL to a "
+                               "downloaded model directory or a hub id such as deepseek-community/Janus-Pro-7B")
         upscaler = None
         if settings.upscaling_enabled:
             try:
-                upscaler = Upscaler.load(settings.upscaler_weights, device=engine.device,
-                                         half=engine.device.type == "cuda", tile=settings.upscaler_tile)
+                upscaler = Upscaler.load(settings.upscaler_weights, device=device, half=device.type == "cuda",
+                                         tile=settings.upscaler_tile)
             except UpscalerError as error:
                 raise StartupError(str(error)) from None
-        return cls(engine, upscaler)
+        try:
+            engine = JanusEngine.load(settings.janus_model, device=settings.janus_device,
+                                      dtype=settings.janus_dtype, preview_seconds=preview_seconds,
+                                      compile=settings.compile)
+        except Exception as error:  # noqa: BLE001 - hub errors, missing files, bad configs, CUDA...
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise StartupError(f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}") from error
+        studio = cls(engine, upscaler)
+        if settings.compile:
+            studio.warm_up(settings.max_batch_images)
+        return studio
+
+    def warm_up(self, max_images: int) -> None:
+        """Compile the decode step for every batch size a request can meet, so no member waits for it."""
+        started, count = time.perf_counter(), 1
+        while True:
+            self._imagine_and_upscale([ImagineRequest("warm-up", count=count)], [])
+            if count >= max_images:
+                break
+            count = min(count * 2, max_images)
+        log.info("Warmed up batches of 1-%d images in %.1fs", max_images, time.perf_counter() - started)
 
     @property
     def output_size(self) -> int:
@@ -88,6 +113,12 @@ class Studio:
             out.append(flat[start:start + len(gallery)])
             start += len(gallery)
         return out
+
+
+def _is_missing_directory(name: str) -> bool:
+    """True for a JANUS_MODEL that is clearly a path (not a hub id such as org/name) and does not exist."""
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+    return looks_like_path and not Path(name).expanduser().exists()
 
 
 def free_gpu_memory() -> None:

@@ -24,6 +24,7 @@ image; VQ decoder with 5 resolution levels, so generated images are 4 * 2**4 = 6
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import JanusForConditionalGeneration, JanusProcessor, PreTrainedTokenizerFast
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -208,6 +209,43 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+@dataclass(frozen=True)
+class JanusShape:
+    """The sizes of a Janus-Pro model: the tiny test model, a mid-size one, or the real 1B / 7B architectures."""
+
+    text_hidden: int = TEXT_HIDDEN_SIZE
+    text_intermediate: int = 2 * TEXT_HIDDEN_SIZE
+    text_layers: int = 2
+    text_heads: int = 4
+    text_vocab: int | None = None  # None: the tokenizer's size; real checkpoints have 102400 rows
+    vision_hidden: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
+    image_size: int = IMAGE_SIZE  # vision input side; image tokens = (image_size // 16) ** 2
+    vq_base_channels: int = VQ_BASE_CHANNELS
+    vq_channel_multiplier: tuple[int, ...] = VQ_CHANNEL_MULTIPLIER
+    vq_num_embeddings: int = VQ_NUM_EMBEDDINGS
+    vq_latent_channels: int = 32
+    vq_res_blocks: int = 1
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // PATCH_SIZE) ** 2
+
+
+TINY = JanusShape()
+# A CPU-benchmark size: a 25 M-parameter language model, the real image codebook, 8 x 8 image tokens.
+MID = JanusShape(text_hidden=512, text_intermediate=1376, text_layers=8, text_heads=8, vision_hidden=64,
+                 vision_layers=2, vision_heads=4, image_size=128, vq_base_channels=64,
+                 vq_channel_multiplier=(1, 1, 2, 2, 4), vq_num_embeddings=16384, vq_latent_channels=64)
+# deepseek-ai/Janus-Pro-1B and -7B (SigLIP-L vision at 384 px, 576 image tokens, 16384 image codes).
+_REAL = dict(text_vocab=102400, vision_hidden=1024, vision_layers=24, vision_heads=16, image_size=384,
+             vq_base_channels=128, vq_channel_multiplier=(1, 1, 2, 2, 4), vq_num_embeddings=16384,
+             vq_latent_channels=256, vq_res_blocks=2)
+JANUS_PRO_1B = JanusShape(text_hidden=2048, text_intermediate=5632, text_layers=24, text_heads=16, **_REAL)
+JANUS_PRO_7B = JanusShape(text_hidden=4096, text_intermediate=11008, text_layers=30, text_heads=32, **_REAL)
+
+
 def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
     """Save a tiny random Janus-Pro checkpoint and its processor into ``directory``; return it.
 
@@ -216,6 +254,18 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
     (``generation_mode="text"``) and generates 64 x 64 images (``generation_mode="image"``, 16 tokens
     per image) through HF ``generate``. Deterministic for a given ``seed``; about 5 MB.
     """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, processor = build_random_janus(TINY, seed)
+    processor.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+def build_random_janus(shape: JanusShape, seed: int = SEED, *, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
+    """A random Janus-Pro model of the given shape and its processor, in memory (speed does not depend on
+    the weights' values, so this stands in for the real checkpoints in benchmarks)."""
     from transformers import (
         JanusConfig,
         JanusForConditionalGeneration,
@@ -226,16 +276,13 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
         LlamaConfig,
     )
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
     tokenizer = build_tiny_tokenizer()
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
 
     image_processor = JanusImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},  # longest side -> 64, then padded to a square
+        size={"height": shape.image_size, "width": shape.image_size},  # longest side, then padded to a square
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
@@ -244,16 +291,17 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
         tokenizer=tokenizer,
         chat_template=JANUS_CHAT_TEMPLATE,
         use_default_system_prompt=True,
-        num_image_tokens=NUM_IMAGE_TOKENS,
+        num_image_tokens=shape.num_image_tokens,
     )
 
+    hidden = shape.text_hidden
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=2 * TEXT_HIDDEN_SIZE,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        vocab_size=shape.text_vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_heads,
         hidden_act="silu",
         max_position_embeddings=4096,
         bos_token_id=bos,
@@ -261,25 +309,25 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
         pad_token_id=pad,
     )
     vision_config = JanusVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
+        hidden_size=shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size,
         patch_size=PATCH_SIZE,
-        projection_dim=TEXT_HIDDEN_SIZE,  # aligner output feeds the language model
+        projection_dim=hidden,  # aligner output feeds the language model
         depth=2,
-        num_image_tokens=NUM_IMAGE_TOKENS,  # must be (image_size // patch_size) ** 2
+        num_image_tokens=shape.num_image_tokens,  # must be (image_size // patch_size) ** 2
     )
     vq_config = JanusVQVAEConfig(
         embed_dim=8,
-        num_embeddings=VQ_NUM_EMBEDDINGS,
-        latent_channels=32,
-        base_channels=VQ_BASE_CHANNELS,
-        channel_multiplier=list(VQ_CHANNEL_MULTIPLIER),
-        num_res_blocks=1,
-        projection_dim=TEXT_HIDDEN_SIZE,
+        num_embeddings=shape.vq_num_embeddings,
+        latent_channels=shape.vq_latent_channels,
+        base_channels=shape.vq_base_channels,
+        channel_multiplier=list(shape.vq_channel_multiplier),
+        num_res_blocks=shape.vq_res_blocks,
+        projection_dim=hidden,
         num_hidden_layers=2,
-        image_token_embed_dim=TEXT_HIDDEN_SIZE,
+        image_token_embed_dim=hidden,
     )
     config = JanusConfig(
         text_config=text_config,
@@ -288,9 +336,9 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
         image_token_id=image_token_id,
     )
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(config)
+        model = JanusForConditionalGeneration(config).to(dtype)
     model.eval()
 
     gc = model.generation_config
@@ -299,10 +347,7 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
     gc.generation_kwargs = {"boi_token_id": boi}  # generate(generation_mode="image") reads it from here
     gc.guidance_scale = 5.0
     gc.temperature = 1.0
-
-    processor.save_pretrained(directory)
-    model.save_pretrained(directory)
-    return directory
+    return model, processor
 
 
 # --------------------------------------------------------------------------------------------------
