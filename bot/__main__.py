@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import sys
 from pathlib import Path
 
+from bot.logs import configure_logging
 from bot.settings import SettingsError, load_settings
 
-log = logging.getLogger("bot")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    configure_logging(settings)
     from bot.cli import ask, imagine
     from bot.studio import StartupError
 

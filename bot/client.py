@@ -21,7 +21,7 @@ from bot.store import UsageStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.admin")
+EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.admin", "cogs.status")
 SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
 SHUTDOWN_GRACE_SECONDS = 60.0
 
@@ -150,6 +150,10 @@ async def run_bot(settings: Settings) -> int:
                     notify_interval=settings.status_update_seconds) as executor,
     ):
         bot = JanusBot(settings=settings, store=store, executor=executor)
+        if settings.metrics_port:
+            from bot.metrics import serve_metrics
+
+            serve_metrics(bot, settings.metrics_port)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.shutdown()))

@@ -137,6 +137,7 @@ class GpuExecutor:
         self._accepting = False
         self.running: list[Job[Any]] = []
         self.jobs_done = 0
+        self.durations: dict[str, collections.deque[float]] = {}  # kind -> recent run times, seconds
 
     async def __aenter__(self) -> GpuExecutor:
         self.start()
@@ -153,6 +154,15 @@ class GpuExecutor:
     def depth(self) -> int:
         """Jobs waiting plus jobs running."""
         return len(self._waiting) + len(self.running)
+
+    def timings(self) -> dict[str, tuple[int, float, float]]:
+        """For each job kind: (recent jobs, mean seconds, 95th percentile seconds)."""
+        stats = {}
+        for kind, times in self.durations.items():
+            ordered = sorted(times)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            stats[kind] = (len(ordered), sum(ordered) / len(ordered), p95)
+        return stats
 
     def position_of(self, job: Job[Any]) -> int:
         for index, (waiting, *_rest) in enumerate(self._waiting):
@@ -258,6 +268,7 @@ class GpuExecutor:
                 for job in work.jobs:
                     job.finished_at = finished
                     job.changed.set()
+                    self.durations.setdefault(job.kind, collections.deque(maxlen=500)).append(finished - started)
                 self.jobs_done += len(work.jobs)
                 self.running = []
 

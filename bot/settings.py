@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
     preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
+    log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve Prometheus metrics on this port")
 
     # Default per-server limits (admins override them per server)
     generations_per_user: int = Field(20, ge=0, description="/imagine requests per member per UTC day")

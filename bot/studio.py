@@ -72,6 +72,13 @@ class Studio:
             count = min(count * 2, max_images)
         log.info("Warmed up batches of 1-%d images in %.1fs", max_images, time.perf_counter() - started)
 
+    def describe(self) -> dict[str, object]:
+        """Device, dtype and GPU memory in use, for /status and metrics."""
+        device = self.engine.device
+        memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        return {"device": str(device), "dtype": str(self.engine.dtype).removeprefix("torch."),
+                "gpu_memory_bytes": memory}
+
     @property
     def output_size(self) -> int:
         """Side in pixels of a finished image."""
