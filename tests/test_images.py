@@ -1,0 +1,94 @@
+"""Untrusted image bytes: every mode becomes RGB, and nothing but our own polite error ever escapes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bot.errors import BadAttachment
+from bot.images import decode_image, encode_for_upload
+
+
+def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "CMYK", "I;16", "I", "F", "1"])
+def test_every_mode_decodes_to_rgb(mode: str) -> None:
+    fmt = {"CMYK": "JPEG", "I;16": "PNG", "I": "TIFF", "F": "TIFF", "LA": "PNG"}.get(mode, "PNG")
+    image = decode_image(encoded(Image.new(mode, (20, 10)), fmt))
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_transparency_is_flattened_onto_white() -> None:
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert decode_image(encoded(clear, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_animations_give_their_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
+    for fmt in ("GIF", "WEBP"):
+        data = encoded(frames[0], fmt, save_all=True, append_images=frames[1:])
+        red, _green, blue = decode_image(data).getpixel((4, 4))
+        assert red > 200 and blue < 60, fmt
+
+
+def test_decompression_bombs_are_refused_before_they_expand() -> None:
+    bomb = encoded(Image.new("L", (5000, 5000)), "PNG")  # tiny file, 25 M pixels
+    with pytest.raises(BadAttachment, match="too large"):
+        decode_image(bomb, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_garbage_is_refused_politely(data: bytes) -> None:
+    with pytest.raises(BadAttachment, match="couldn't read|damaged"):
+        decode_image(data)
+
+
+def test_truncated_files_are_refused_not_half_read() -> None:
+    whole = encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
+    with pytest.raises(BadAttachment):
+        decode_image(whole[: len(whole) // 2])
+
+
+VALID = [encoded(Image.new(mode, (16, 12), 128), fmt) for mode, fmt in
+         (("RGB", "PNG"), ("RGB", "JPEG"), ("P", "GIF"), ("RGBA", "WEBP"), ("L", "BMP"), ("RGB", "TIFF"))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(VALID), cuts=st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=8)),
+                                                  max_size=6))
+def test_fuzzed_images_decode_or_raise_bad_attachment(base: bytes, cuts: list[tuple[int, bytes]]) -> None:
+    """Mutated real files (bytes overwritten, inserted, cut): a usable RGB image or BadAttachment, nothing else."""
+    data = bytearray(base)
+    for position, chunk in cuts:
+        position %= len(data) + 1
+        data[position:position + len(chunk)] = chunk
+    try:
+        image = decode_image(bytes(data))
+    except BadAttachment:
+        return
+    assert image.mode == "RGB" and image.width > 0 and image.height > 0
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=200, deadline=None)
+def test_random_bytes_decode_or_raise_bad_attachment(data: bytes) -> None:
+    try:
+        decode_image(data)
+    except BadAttachment:
+        pass
+
+
+def test_large_images_are_reencoded_to_fit_the_upload_limit() -> None:
+    noise = Image.effect_noise((512, 512), 80).convert("RGB")
+    png, _ = encode_for_upload(noise, 10 * 2**20)
+    data, extension = encode_for_upload(noise, len(png) // 3)
+    assert extension == "jpg" and len(data) <= len(png) // 3
+    assert Image.open(io.BytesIO(data)).size == (512, 512)
