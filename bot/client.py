@@ -13,6 +13,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.backends import Backend, LocalBackend
 from bot.errors import UserFacingError
 from bot.executor import GpuExecutor, Reporter
 from bot.settings import Settings
@@ -53,10 +54,12 @@ class JanusBot(commands.AutoShardedBot):
         )
         point_at_discord(settings)
         self.settings, self.store, self.executor = settings, store, executor
+        self.backend: Backend = LocalBackend(executor, lambda: self.studio)
         self.quota = Quota(self)
         self.studio = studio  # a bot.studio.Studio; loaded on the GPU thread in setup_hook when not given
         self.started_at = time.perf_counter()
         self.exit_code = 0
+        self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
         if settings.discord_gateway_url:
             self._use_configured_gateway(settings.discord_gateway_url)
 
@@ -72,11 +75,10 @@ class JanusBot(commands.AutoShardedBot):
 
     async def setup_hook(self) -> None:
         self.executor.start()
-        if self.studio is None:
+        if self.studio is None and self.settings.executor == "local":  # with redis, the workers load it
             self.loop.create_task(self._load_studio(), name="load-model")
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        self.tree.on_error = self.on_app_command_error
         await self.tree.sync()
         if self.settings.dev_guild_id:
             guild = discord.Object(self.settings.dev_guild_id)
@@ -98,10 +100,6 @@ class JanusBot(commands.AutoShardedBot):
             self.exit_code = 1
             await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
             await self.close()
-
-    def imagine_batch(self, requests: list[Any], reports: list[Reporter]) -> list[Any]:
-        """The executor's batch runner for /imagine (a bound method, so waiting requests batch together)."""
-        return self.studio.imagine_batch(requests, reports)
 
     async def on_ready(self) -> None:
         log.info("Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))
@@ -139,6 +137,7 @@ async def reply_privately(interaction: discord.Interaction, text: str) -> None:
 
 async def run_bot(settings: Settings) -> int:
     """`python -m bot`: open the store and the executor, connect, and serve until stopped."""
+    from bot.redis_backend import open_backend
     from bot.studio import StartupError
 
     if settings.discord_token is None:
@@ -148,8 +147,11 @@ async def run_bot(settings: Settings) -> int:
         UsageStore.open(settings.database_path) as store,
         GpuExecutor(settings.queue_size, max_batch=settings.max_batch_images, job_timeout=settings.job_timeout_seconds,
                     notify_interval=settings.status_update_seconds) as executor,
+        open_backend(settings) as remote,  # None unless EXECUTOR=redis
     ):
         bot = JanusBot(settings=settings, store=store, executor=executor)
+        if remote is not None:
+            bot.backend = remote  # GPU workers (python -m bot worker) run the jobs; none runs in this process
         if settings.metrics_port:
             from bot.metrics import serve_metrics
 

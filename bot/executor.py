@@ -200,7 +200,8 @@ class GpuExecutor:
         if not self._accepting:
             raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
         if len(self._waiting) >= self.queue_size:
-            raise QueueFull(f"{len(self._waiting)} requests are already waiting; please try again in a minute.")
+            waiting = "1 request is" if len(self._waiting) == 1 else f"{len(self._waiting)} requests are"
+            raise QueueFull(f"I'm busy: {waiting} already waiting. Please try again in a minute.")
         loop = asyncio.get_running_loop()
         job: Job[Any] = Job(kind=kind, owner=owner, weight=weight, loop=loop, notify_interval=self.notify_interval)
         job._executor = self
@@ -299,8 +300,9 @@ class GpuExecutor:
         """Stop accepting, tell every waiting caller, give the running job `grace` seconds to finish (None: as
         long as it takes), then stop the thread."""
         self._accepting = False
-        while self._waiting:
-            self._waiting[0][0].cancel(reason)
+        for job, *_rest in list(self._waiting):
+            job.cancel(reason)
+        self._waiting.clear()  # also drops a job whose future was settled from outside (cancel() skips those)
         if self._dispatcher is not None:
             done, _ = await asyncio.wait([self._dispatcher], timeout=grace)
             if not done:

@@ -88,17 +88,19 @@ ALLOWED = Decision(True)
 
 _NOUNS: dict[Kind, str] = {"imagine": "generations", "ask": "questions"}
 _TURNED_OFF: dict[Kind, str] = {
-    "imagine": "Image generation is turned off on this server.",
-    "ask": "Questions are turned off on this server.",
+    "imagine": "Image generation is turned off {place}.",
+    "ask": "Questions are turned off {place}.",
 }
 
 
-def check(kind: Kind, usage: Usage, policy: Policy, *, now: datetime, exempt: bool) -> Decision:
-    """May a member make one more `kind` request now? Exempt members skip all but the server-wide limit."""
+def check(kind: Kind, usage: Usage, policy: Policy, *, now: datetime, exempt: bool,
+          place: str = "on this server") -> Decision:
+    """May a member make one more `kind` request now? Exempt members skip all but the server-wide limit.
+    `place` is where the member's limits apply, as the refusal says it ("in direct messages")."""
     if kind == "imagine":
         cap = policy.generations_per_server
         if cap == 0:
-            return Decision(False, _TURNED_OFF[kind])
+            return Decision(False, _TURNED_OFF[kind].format(place=place))
         if usage.server_generations >= cap:
             return Decision(
                 False,
@@ -114,11 +116,11 @@ def check(kind: Kind, usage: Usage, policy: Policy, *, now: datetime, exempt: bo
         else (usage.user_questions, policy.questions_per_user)
     )
     if cap == 0:
-        return Decision(False, _TURNED_OFF[kind])
+        return Decision(False, _TURNED_OFF[kind].format(place=place))
     if used >= cap:
         return Decision(
             False,
-            f"You've used {used}/{cap} {_NOUNS[kind]} today on this server; "
+            f"You've used {used}/{cap} {_NOUNS[kind]} today {place}; "
             f"resets in {format_duration(resets_in(now))}.",
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -34,13 +35,17 @@ class Quota:
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
         self.defaults = Policy.defaults(bot.settings)
+        # Counting a member's queued jobs and charging happen under one lock, and callers queue the job as
+        # soon as admit returns: simultaneous requests then cannot all see the same short queue.
+        self._charging = asyncio.Lock()
 
     async def policy(self, guild: discord.Guild | None) -> Policy:
         return self.defaults if guild is None else await self.bot.store.policy(guild.id, self.defaults)
 
     async def admit(self, kind: Kind, *, guild: discord.Guild | None, channel: Place,
                     user: discord.abc.User, text: str) -> Charge:
-        """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see."""
+        """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see.
+        Queue the request's job before awaiting anything else, so the next admit counts it."""
         if guild is None and not self.bot.settings.allow_dms:
             raise QuotaExceeded("I only work in servers, not in direct messages.")
         policy = await self.policy(guild)
@@ -56,10 +61,11 @@ class Quota:
         if (word := banned_word_in(text, policy.banned_words)) is not None:
             raise BadPrompt(f"That contains “{quote(word, 40)}”, which this server doesn't allow.")
         roles = [role.id for role in getattr(user, "roles", ())]
-        charge = await self.bot.store.charge(
-            guild.id if guild else 0, user.id, kind, now=discord.utils.utcnow(), policy=policy,
-            exempt=policy.exempts(roles), queued=self.bot.executor.jobs_of(user.id),
-        )
+        async with self._charging:
+            charge = await self.bot.store.charge(
+                guild.id if guild else 0, user.id, kind, now=discord.utils.utcnow(), policy=policy,
+                exempt=policy.exempts(roles), queued=self.bot.executor.jobs_of(user.id),
+            )
         if not charge.decision.allowed:
             raise QuotaExceeded(charge.decision.reason)
         return charge

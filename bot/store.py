@@ -268,7 +268,8 @@ class UsageStore:
         day = day_of(now)
         async with self._transaction() as db:
             usage = await _read_usage(db, guild_id, user_id, day, queued)
-            decision = check(kind, usage, policy, now=now, exempt=exempt)
+            place = "in direct messages" if guild_id == 0 else "on this server"
+            decision = check(kind, usage, policy, now=now, exempt=exempt, place=place)
             if decision.allowed:
                 await db.execute(
                     "INSERT INTO usage (guild_id, day, kind, user_id, count) VALUES (?, ?, ?, ?, 1) "

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from bot.client import JanusBot
 
 Count = app_commands.Range[int, 0, 1_000_000]
+LOG_PERMISSIONS = ("view_channel", "send_messages", "attach_files")  # to post in the moderation log
 
 
 class ManagersOnly(app_commands.Group):
@@ -131,6 +132,13 @@ class Admin(commands.Cog):
     async def limits_log(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
         """Post every generation and question to a moderation channel, or stop doing so."""
         assert interaction.guild is not None
+        if channel is not None:  # a private moderators' channel may be closed to the bot too
+            have = channel.permissions_for(interaction.guild.me)
+            missing = [name.replace("_", " ").title() for name in LOG_PERMISSIONS if not getattr(have, name)]
+            if missing:
+                await reply_privately(interaction, f"I can't post in {channel.mention}: please give me "
+                                                   f"{', '.join(missing)} there, then run this again.")
+                return
         await self.bot.store.set_log_channel(interaction.guild.id, channel.id if channel else None)
         await self.show_limits(interaction, "Updated.")
 

@@ -17,6 +17,17 @@ from tiny_models import build_tiny_esrgan, build_tiny_janus  # noqa: E402
 from bot.settings import Settings  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 cores, torch's second thread fights the event loop and slows every test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
