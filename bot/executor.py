@@ -279,9 +279,9 @@ class GpuExecutor:
         try:
             return await asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout)
         except TimeoutError:
-            minutes = self.job_timeout / 60
+            limit = f"{self.job_timeout / 60:g} minutes" if self.job_timeout >= 120 else f"{self.job_timeout:g} seconds"
             for job in work.jobs:
-                job.cancel(f"Sorry, this request took longer than {minutes:g} minutes and was stopped.")
+                job.cancel(f"Sorry, this request took longer than {limit} and was stopped.")
             log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
                       self.job_timeout)
             await asyncio.wait([thread_future])

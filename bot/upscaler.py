@@ -62,7 +62,8 @@ class Upscaler:
         try:
             model = ModelLoader(device=torch.device(device)).load_from_file(path)
         except Exception as error:  # noqa: BLE001 - spandrel raises many kinds for files it cannot read
-            raise UpscalerError(f"UPSCALER_WEIGHTS: {path} is not a model spandrel can load ({error})") from None
+            raise UpscalerError(f"UPSCALER_WEIGHTS: {path} is not a model spandrel can load "
+                                f"({error or type(error).__name__}); use a Real-ESRGAN x2 or x4 file") from None
         if not isinstance(model, ImageModelDescriptor) or model.scale not in (2, 4):
             kind = getattr(model, "architecture", None)
             raise UpscalerError(
