@@ -17,43 +17,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from bot.executor import Progress, Reporter
 from bot.images import to_rgb
+from bot.requests import AskRequest, ImagineRequest, Turn  # defined without torch; re-exported here
 
 log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this when shapes must repeat (static cache)
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One earlier message of a conversation: who said it, what, and with which images."""
-
-    role: str  # "user" or "assistant"
-    text: str
-    images: tuple[Image.Image, ...] = ()
-
-
-@dataclass(frozen=True)
-class AskRequest:
-    """A question about zero or more images; the defaults are those of DeepSeek's demo."""
-
-    question: str
-    images: tuple[Image.Image, ...] = ()
-    history: tuple[Turn, ...] = ()
-    temperature: float = 0.1  # 0 = greedy
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class ImagineRequest:
-    """A prompt to draw `count` images from, with classifier-free guidance and a seed."""
-
-    prompt: str
-    count: int = 4
-    guidance: float = 5.0
-    temperature: float = 1.0  # 0 = greedy
-    seed: int = 0
 
 
 @dataclass

@@ -27,21 +27,26 @@ def is_image(attachment: discord.Attachment) -> bool:
     return attachment.filename.lower().endswith(IMAGE_EXTENSIONS)
 
 
-async def read_image(attachment: discord.Attachment, *, max_bytes: int) -> Image.Image:
-    """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment."""
+def check_attachment(attachment: discord.Attachment, *, max_bytes: int) -> None:
+    """Refuse, before downloading, what is not an image or is over the size cap (raises BadAttachment)."""
     if not is_image(attachment):
         raise BadAttachment(f"`{clean_name(attachment.filename)}` isn't an image; I can read PNG, JPEG, WebP "
                             "and GIF files.")
     if attachment.size > max_bytes:
-        raise BadAttachment(f"`{clean_name(attachment.filename)}` is {attachment.size / 2**20:.1f} MiB; "
-                            f"the limit is {max_bytes / 2**20:g} MiB.")
+        raise BadAttachment(f"`{clean_name(attachment.filename)}` is {file_size(attachment.size)}; "
+                            f"the limit is {file_size(max_bytes)}.")
+
+
+async def read_image(attachment: discord.Attachment, *, max_bytes: int) -> Image.Image:
+    """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment."""
+    check_attachment(attachment, max_bytes=max_bytes)
     try:
         data = await attachment.read()
     except discord.HTTPException:
         raise BadAttachment(f"I couldn't download `{clean_name(attachment.filename)}`; please try again.") from None
     if len(data) > max_bytes:  # the declared size lied
         raise BadAttachment(f"`{clean_name(attachment.filename)}` is larger than the "
-                            f"{max_bytes / 2**20:g} MiB limit.")
+                            f"{file_size(max_bytes)} limit.")
     return await asyncio.to_thread(decode_image, data)
 
 
@@ -49,6 +54,14 @@ async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: i
                       limit: int) -> list[Image.Image]:
     """The image attachments among `attachments` (at most `limit`); non-images are refused politely."""
     return [await read_image(a, max_bytes=max_bytes) for a in attachments[:limit]]
+
+
+def file_size(size: int) -> str:
+    """1536 -> '1.5 KiB', 10485760 -> '10 MiB'."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
 
 
 def clean_name(name: str) -> str:

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve Prometheus metrics on this port")
 
+    # Scale-out: GPU workers elsewhere, through Redis
+    executor: Literal["local", "redis"] = Field("local", description="local = this process's GPU; redis = workers")
+    redis_url: SecretStr | None = Field(None, description="redis://[:password@]host:6379/0 (rediss:// for TLS)")
+    worker_lease_seconds: float = Field(30.0, gt=0, description="A silent worker's jobs go to another after this")
+    worker_slots: int | None = Field(None, ge=1, description="Images a worker starts at once; unset = MAX_BATCH_IMAGES")
+    result_ttl_seconds: int = Field(3600, ge=1, description="How long results and job events stay in Redis")
+
     # Default per-server limits (admins override them per server)
     generations_per_user: int = Field(20, ge=0, description="/imagine requests per member per UTC day")
     questions_per_user: int = Field(50, ge=0, description="Questions per member per UTC day")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import random
 import re
@@ -15,8 +16,9 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
+from bot.backends import Origin
 from bot.client import reply_privately
-from bot.engine import ImagineRequest
+from bot.requests import ImagineRequest
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
@@ -113,8 +115,8 @@ class Generation(commands.Cog):
             await reply_privately(interaction, str(error))
             return
         try:
-            job = self.bot.executor.submit_batched(self.bot.imagine_batch, request, weight=request.count,
-                                                   kind="imagine", owner=interaction.user.id)
+            job = self.bot.backend.imagine(request, owner=interaction.user.id,
+                                           origin=Origin(interaction.guild_id or 0, interaction.channel_id or 0))
         except UserFacingError as error:
             await self.bot.quota.refund(charge)
             await reply_privately(interaction, str(error))
@@ -130,13 +132,14 @@ class Generation(commands.Cog):
         except BaseException:
             await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, images, delivery, charge)
+        await self.deliver(interaction, request, images, delivery, charge, note=getattr(job, "note", None))
 
     async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
                      delivery: Delivery) -> list[Image.Image]:
         """Keep the status message current until the job is done; return its images."""
         interval, last = self.bot.settings.status_update_seconds, float("-inf")
         shown_preview = None
+        job.changed.set()  # show the queue position at once, not only once it changes
         while not job.done():
             await job.changed.wait()
             job.changed.clear()
@@ -147,13 +150,13 @@ class Generation(commands.Cog):
             fields: dict[str, Any] = {"content": status_text(job, request)}
             if preview is not None and preview is not shown_preview:
                 shown_preview = preview
-                data = await asyncio.to_thread(lambda: encode_png(contact_sheet(preview)))
-                fields["attachments"] = [discord.File(__import__("io").BytesIO(data), "preview.png")]
+                data = await asyncio.to_thread(render_preview, preview)
+                fields["attachments"] = [discord.File(io.BytesIO(data), "preview.png")]
             await delivery.edit(**fields)
         return await job
 
     async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, images: list[Image.Image],
-                      delivery: Delivery, charge: Charge) -> None:
+                      delivery: Delivery, charge: Charge, note: str | None = None) -> None:
         gallery_id = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
                     count=request.count, guidance=request.guidance, temperature=request.temperature,
@@ -161,6 +164,7 @@ class Generation(commands.Cog):
         )
         groups = await image_files(images, f"janus_{request.seed}", limit=upload_limit(interaction.guild))
         caption = gallery_caption(request, interaction.user, images[0].size if images else (0, 0))
+        caption += f"\n-# {note}" if note else ""  # e.g. a GPU worker stopped and another one took over
         first_message = None
         for index, files in enumerate(groups):
             part = f" ({index + 1}/{len(groups)})" if len(groups) > 1 else ""
@@ -170,6 +174,39 @@ class Generation(commands.Cog):
         await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
                                     user=interaction.user, text=request.prompt, result=first_message,
                                     images=images)
+
+    # ---- jobs that outlived a restart of the bot (EXECUTOR=redis) -------------------------------------
+
+    async def cog_load(self) -> None:
+        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
+        if reattach is not None:
+            await reattach(self.deliver_reattached)
+
+    async def deliver_reattached(self, job: Job[list[Image.Image]], request: ImagineRequest,
+                                 origin: Origin) -> None:
+        """Deliver a job an earlier run of the bot was waiting for. Its interaction is gone, so the gallery (or
+        why there is none) goes to the channel it was asked in, mentioning whoever asked."""
+        channel = self.bot.get_partial_messageable(origin.channel_id, guild_id=origin.guild_id or None)
+        user = self.bot.get_user(job.owner or 0) or await self.bot.fetch_user(job.owner or 0)
+        allowed = discord.AllowedMentions(users=[user])
+        try:
+            images = await job
+        except UserFacingError as error:
+            await channel.send(f"{user.mention} ⚠️ {error}", allowed_mentions=allowed)
+            return
+        gallery_id = await self.bot.store.save_gallery(
+            Gallery(guild_id=origin.guild_id, requester_id=user.id, prompt=request.prompt, count=request.count,
+                    guidance=request.guidance, temperature=request.temperature, seed=request.seed)
+        )
+        guild = self.bot.get_guild(origin.guild_id)
+        groups = await image_files(images, f"janus_{request.seed}", limit=upload_limit(guild))
+        caption = gallery_caption(request, user, images[0].size if images else (0, 0))
+        note = getattr(job, "note", None)
+        caption += f"\n-# {note}" if note else ""
+        for index, files in enumerate(groups):
+            part = f" ({index + 1}/{len(groups)})" if len(groups) > 1 else ""
+            view = GalleryView(gallery_id, len(files)) if index == 0 else discord.utils.MISSING
+            await channel.send(caption + part, files=files, view=view, allowed_mentions=allowed)
 
     # ---- buttons ---------------------------------------------------------------------------------------
 
@@ -221,6 +258,10 @@ def gallery_caption(request: ImagineRequest, user: discord.abc.User, size: tuple
     return (f"**{quote(request.prompt, 1500)}** — {user.mention}\n"
             f"seed `{request.seed}` · guidance {request.guidance:g} · temperature {request.temperature:g} · "
             f"{request.count} image(s) · {size[0]}×{size[1]}")
+
+
+def render_preview(images: list[Image.Image]) -> bytes:
+    return encode_png(contact_sheet(images))
 
 
 def contact_sheet(images: list[Image.Image], columns: int = 4) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -13,11 +14,11 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.client import reply_privately
-from bot.engine import AskRequest, Turn
+from bot.client import SORRY, reply_privately
+from bot.requests import AskRequest, Turn
 from bot.errors import UserFacingError
 from bot.executor import Job
-from bot.media import clean_text, is_image, read_images, split_message
+from bot.media import check_attachment, clean_text, is_image, read_images, split_message
 from bot.store import Charge
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ TYPING_CURSOR = " ▌"
 class AnswerOutput(Protocol):
     """Where a streamed answer goes: a reply to a message, or an interaction's response."""
 
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]: ...
     async def show(self, text: str) -> None: ...
     async def finish(self, chunks: list[str]) -> None: ...
 
@@ -45,6 +47,9 @@ class ReplyOutput:
 
     def __init__(self, message: discord.Message) -> None:
         self.message, self.reply = message, None
+
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self.message.channel.typing()  # the typing indicator while the answer is prepared
 
     async def show(self, text: str) -> None:
         try:
@@ -71,7 +76,7 @@ class ReplyOutput:
             return await self.message.reply(text)
         except discord.HTTPException:  # e.g. the question was deleted meanwhile
             return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
-                                                   allowed_mentions=discord.AllowedMentions(users=True))
+                                                   allowed_mentions=discord.AllowedMentions(users=[self.message.author]))
 
 
 class InteractionOutput:
@@ -80,6 +85,9 @@ class InteractionOutput:
     def __init__(self, interaction: discord.Interaction) -> None:
         self.interaction = interaction
 
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return contextlib.nullcontext()  # the deferred "thinking…" response already says so
+
     async def show(self, text: str) -> None:
         try:
             await self.interaction.edit_original_response(content=text)
@@ -87,16 +95,19 @@ class InteractionOutput:
             log.debug("Streaming update failed: %s", error)
 
     async def finish(self, chunks: list[str]) -> None:
-        first, *rest = chunks
+        sent = 0
         try:
-            await self.interaction.edit_original_response(content=first)
-            for chunk in rest:
+            await self.interaction.edit_original_response(content=chunks[0])
+            sent = 1
+            for chunk in chunks[1:]:
                 await self.interaction.followup.send(chunk)
+                sent += 1
         except discord.HTTPException:  # the token expired (15 min) or Discord failed: post in the channel
             channel = self.interaction.channel
             mention = self.interaction.user.mention
-            for chunk in chunks:
-                await channel.send(f"{mention} {chunk}"[:2000], allowed_mentions=discord.AllowedMentions(users=True))  # type: ignore[union-attr]
+            for chunk in chunks[sent:]:
+                await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
+                                   allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
 
 
 class Understanding(commands.Cog):
@@ -120,9 +131,9 @@ class Understanding(commands.Cog):
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
         try:
-            job = self.bot.executor.submit(lambda report: self.bot.studio.ask(request, report),
-                                           kind="ask", owner=user.id)
-            answer = await self.stream(job, output)
+            job = self.bot.backend.ask(request, owner=user.id)  # queued before any await: see Quota.admit
+            async with output.working():
+                answer = await self.stream(job, output)
         except BaseException:
             await self.bot.quota.refund(charge)
             raise
@@ -131,13 +142,13 @@ class Understanding(commands.Cog):
 
     async def stream(self, job: Job[str], output: AnswerOutput) -> str:
         """Show the answer as it grows, at most once per STATUS_UPDATE_SECONDS; return the final text."""
-        interval, last = self.bot.settings.status_update_seconds, float("-inf")
+        interval, last, shown = self.bot.settings.status_update_seconds, float("-inf"), None
         while not job.done():
             await job.changed.wait()
             job.changed.clear()
             partial = job.progress.preview if job.progress else None
-            if partial and not job.done() and time.perf_counter() - last >= interval:
-                last = time.perf_counter()
+            if partial and partial != shown and not job.done() and time.perf_counter() - last >= interval:
+                last, shown = time.perf_counter(), partial
                 await output.show(split_message(partial)[-1][:1990] + TYPING_CURSOR)
         return await job
 
@@ -151,11 +162,13 @@ class Understanding(commands.Cog):
             question, images, history = await self.read_conversation(message)
             charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
                                                 user=message.author, text=question)
-            async with message.channel.typing():
-                await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
-                                  channel=message.channel, question=question, images=images, history=history)
+            await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
+                              channel=message.channel, question=question, images=images, history=history)
         except UserFacingError as error:
             await self.tell(message, str(error))
+        except Exception:  # the member must hear back even when something unexpected broke
+            log.exception("Answering message %s failed", message.id)
+            await self.tell(message, SORRY)
 
     async def tell(self, message: discord.Message, text: str) -> None:
         try:
@@ -164,12 +177,12 @@ class Understanding(commands.Cog):
             log.warning("Could not answer %s in %s: %s", message.author, message.channel, error)
 
     async def is_for_me(self, message: discord.Message) -> bool:
-        """A member's message that mentions the bot, replies to it, or (when DMs are on) is a DM."""
+        """A member's message that mentions the bot, replies to it, or is a direct message."""
         me = self.bot.user
         if message.author.bot or me is None or message.author.id == me.id:
             return False
-        if message.guild is None:
-            return self.bot.settings.allow_dms
+        if message.guild is None:  # answered, or politely refused when ALLOW_DMS is off
+            return True
         if me in message.mentions:
             return True
         replied = await self.resolve(message)
@@ -253,7 +266,10 @@ class Understanding(commands.Cog):
     async def answer_interaction(self, interaction: discord.Interaction, attachments: list[discord.Attachment],
                                  question: str) -> None:
         """The interaction flavour: refusals are ephemeral, the answer is public."""
+        max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
         try:
+            for attachment in attachments[:MAX_IMAGES]:
+                check_attachment(attachment, max_bytes=max_bytes)
             charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
                                                 user=interaction.user, text=question)
         except UserFacingError as error:
@@ -261,11 +277,10 @@ class Understanding(commands.Cog):
             return
         await interaction.response.defer(thinking=True)
         try:
-            max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
             images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
-        except UserFacingError as error:  # nothing public to show: take the "thinking" message back
+        except UserFacingError as error:  # unreadable once downloaded; a public "thinking" message can't turn private
             await self.bot.quota.refund(charge)
-            await withdraw(interaction, str(error))
+            await InteractionOutput(interaction).finish([str(error)])
             return
         try:
             await self.answer(InteractionOutput(interaction), charge, user=interaction.user,
@@ -273,15 +288,6 @@ class Understanding(commands.Cog):
                               question=question, images=images)
         except UserFacingError as error:
             await InteractionOutput(interaction).finish([str(error)])
-
-
-async def withdraw(interaction: discord.Interaction, text: str) -> None:
-    """Replace a deferred public response by an ephemeral note to the member."""
-    try:
-        await interaction.delete_original_response()
-    except discord.HTTPException:
-        pass
-    await reply_privately(interaction, text)
 
 
 class AskModal(discord.ui.Modal, title="Ask Janus"):

@@ -503,7 +503,6 @@ async def test_dm_slash_commands_are_politely_refused_when_dms_are_off(simcord_e
     assert "Generations: 0/20 used" in private(await dan.slash("usage"))
 
 
-@pytest.mark.xfail(strict=True, reason="Understanding.is_for_me ignores every DM while ALLOW_DMS is off")
 async def test_dm_messages_are_politely_refused_when_dms_are_off(simcord_env: simcord.Env) -> None:
     dan = simcord_env.create_user("dan")
     await dan.send_dm("what is a lighthouse?")

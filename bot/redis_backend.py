@@ -1,0 +1,381 @@
+"""The bot's side of EXECUTOR=redis: jobs go into a Redis stream for GPU workers (`python -m bot worker`), and
+each job's event stream comes back as the `Job` surface the cogs know from the local executor (changed,
+progress, position, done, cancel, await).
+
+A request made with an `Origin` is also written to `janus:bot:awaiting` until its outcome is handed over. A bot
+that was restarted mid-job re-attaches to those jobs (`reattach`) and hands each outcome to a delivery hook.
+Whoever removes a job from that hash (HDEL returns 1) delivers it, so each job reaches its member at most once;
+its durable event stream keeps the outcome meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from PIL import Image
+
+from bot import redis_wire as wire
+from bot.backends import Origin
+from bot.errors import JobCancelled, JobFailed, QueueFull, UserFacingError
+from bot.executor import Job, Progress
+from bot.requests import AskRequest, ImagineRequest
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNREACHABLE = "Sorry, I can't reach the GPU workers right now. Please try again in a minute."
+LOST = "Sorry, this request got lost on its way to the GPU. Please try again."
+EXPIRED = "Sorry, this request's result expired before I could deliver it. Please try again."
+SILENT = "Sorry, the GPU worker running this request stopped answering. Please try again."
+ELSEWHERE = "This request's result was delivered by another instance of the bot."
+UNREACHABLE_AFTER_SECONDS = 60.0
+RESTARTED_NOTE = "A GPU worker stopped while working on this, so another one started it over."
+
+Deliver = Callable[["RedisJob[list[Image.Image]]", ImagineRequest, Origin], Awaitable[None]]
+
+
+class RedisJob(Job[T]):
+    """A job run by a GPU worker somewhere, seen through its event stream."""
+
+    def __init__(self, backend: RedisBackend, *, job_id: str, kind: str, owner: int, weight: int,
+                 origin: Origin | None = None) -> None:
+        super().__init__(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
+        self.id, self.origin, self._backend = job_id, origin, backend
+        self.entry_id: str | None = None  # the job stream's entry, once written
+        self.note: str | None = None  # said with the result: the job was taken over after a worker stopped
+        self.attempt = 0  # which delivery of the entry last started it
+        self.claimed = False  # this process removed the job from the awaiting hash, so it delivers it
+        self.heard = time.perf_counter()  # when its last event arrived
+        self._position = 1
+
+    @property
+    def position(self) -> int:
+        """1 for the next job a worker takes, 2 behind it, ...; 0 once it runs or has finished."""
+        return 0 if self.started_at is not None or self.future.done() else self._position
+
+    def cancel(self, reason: str = "This request was cancelled.") -> bool:
+        """Withdraw the job: workers skip it if it has not started and stop it at its next report if it has."""
+        if self.future.done():
+            return False
+        self.future.set_exception(JobCancelled(reason))
+        self.finished_at = time.perf_counter()
+        self.changed.set()
+        self._backend.withdraw(self)
+        return True
+
+
+class RedisBackend:
+    """Jobs for GPU workers through Redis streams; the bot only queues requests and watches their events."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis, self.settings = redis, settings
+        self.ttl = settings.result_ttl_seconds
+        self.jobs: dict[str, RedisJob[Any]] = {}  # followed jobs by id
+        self.closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: Settings) -> AsyncIterator[RedisBackend]:
+        """Connect to REDIS_URL (a StartupError naming the setting if it can't), yield, and close at exit."""
+        url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+        if not url:
+            raise wire.startup_error("EXECUTOR=redis needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
+        redis = wire.connect(url)
+        try:
+            await redis.ping()
+            await wire.ensure_group(redis)
+        except (aioredis.RedisError, OSError) as error:
+            await redis.aclose()
+            raise wire.startup_error(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
+        log.info("Jobs go to GPU workers through Redis at %s", wire.redacted(url))
+        backend = cls(redis, settings)
+        try:
+            yield backend
+        finally:
+            await backend.close()
+
+    async def close(self) -> None:
+        """Stop following jobs without withdrawing them: workers finish them, and the next run re-attaches."""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    # ---- the Backend protocol ------------------------------------------------------------------------------
+
+    def ask(self, request: AskRequest, *, owner: int) -> RedisJob[str]:
+        return self._submit(request, owner=owner, weight=1, origin=None)
+
+    def imagine(self, request: ImagineRequest, *, owner: int,
+                origin: Origin | None = None) -> RedisJob[list[Image.Image]]:
+        return self._submit(request, owner=owner, weight=request.count, origin=origin)
+
+    def jobs_of(self, owner: int) -> int:
+        return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())
+
+    # ---- submitting and withdrawing ------------------------------------------------------------------------
+
+    def _submit(self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None) -> RedisJob[Any]:
+        if self.closing:
+            raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
+        waiting = sum(1 for job in self.jobs.values() if job.position)
+        if waiting >= self.settings.queue_size:
+            raise QueueFull(f"{waiting} requests are already waiting; please try again in a minute.")
+        kind = "imagine" if isinstance(request, ImagineRequest) else "ask"
+        job: RedisJob[Any] = RedisJob(self, job_id=uuid.uuid4().hex, kind=kind, owner=owner, weight=weight,
+                                      origin=origin)
+        self.jobs[job.id] = job
+        self._spawn(self._queue_and_follow(job, request), f"job-{job.id}")
+        return job
+
+    async def _queue_and_follow(self, job: RedisJob[Any], request: wire.Request) -> None:
+        try:
+            await self._queue(job, request)
+        except (aioredis.RedisError, OSError) as error:
+            log.error("Could not queue %s job %s: %s", job.kind, job.id, error)
+            self._settle(job, JobFailed(UNREACHABLE))
+            return
+        if job.future.done():  # cancelled while it was being written: the withdrawal could not reach it before
+            await self._withdraw(job)
+            return
+        with contextlib.suppress(aioredis.RedisError, OSError):  # its place in line at once, not in a second
+            await self._check_queue(job, wire.events_key(job.id), "0-0")
+        await self._follow(job)
+
+    async def _queue(self, job: RedisJob[Any], request: wire.Request) -> None:
+        """Write the request's images, the awaiting record (with an origin) and the entry, in one transaction."""
+        kind, payload, images = wire.encode_request(request)
+        blobs = await asyncio.to_thread(lambda: [wire.png(image) for image in images])
+        if job.future.done():
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for index, blob in enumerate(blobs):
+                pipe.set(wire.input_key(job.id, index), blob, ex=self.ttl)
+            if job.origin is not None:
+                pipe.hset(wire.AWAITING, job.id, json.dumps({
+                    "owner": str(job.owner), "guild": str(job.origin.guild_id),
+                    "channel": str(job.origin.channel_id), "request": payload,
+                }))
+            pipe.xadd(wire.JOBS, {"job": job.id, "kind": kind, "weight": job.weight, "request": payload})
+            *_, entry_id = await pipe.execute()
+        job.entry_id = entry_id.decode()
+        log.debug("Queued %s job %s as entry %s", kind, job.id, job.entry_id)
+
+    def withdraw(self, job: RedisJob[Any]) -> None:
+        """Tell the workers a job is no longer wanted (not when the bot is only going away: it comes back)."""
+        if self.closing or job.entry_id is None:  # not written yet: _queue_and_follow withdraws it afterwards
+            return
+        self._spawn(self._withdraw(job), f"withdraw-{job.id}")
+
+    async def _withdraw(self, job: RedisJob[Any]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(wire.cancel_key(job.id), 1, ex=self.ttl)
+            pipe.hdel(wire.AWAITING, job.id)
+            await pipe.execute()
+
+    # ---- following a job's events --------------------------------------------------------------------------
+
+    async def _follow(self, job: RedisJob[Any]) -> None:
+        """Apply the job's events until it ends, riding out Redis hiccups for up to a minute."""
+        key, cursor, failing_since = wire.events_key(job.id), "0-0", None
+        job.heard = time.perf_counter()
+        try:
+            while not job.future.done():
+                try:
+                    cursor = await self._poll(job, key, cursor)
+                except (aioredis.RedisError, OSError) as error:
+                    failing_since = failing_since or time.perf_counter()
+                    if time.perf_counter() - failing_since > UNREACHABLE_AFTER_SECONDS:
+                        log.error("Lost Redis while following job %s: %s", job.id, error)
+                        self._settle(job, JobFailed(UNREACHABLE))
+                    else:
+                        log.warning("Following job %s: %s; retrying", job.id, error)
+                        await asyncio.sleep(1)
+                else:
+                    failing_since = None
+        finally:
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+
+    async def _poll(self, job: RedisJob[Any], key: str, cursor: str) -> str:
+        """Apply the events after `cursor` (waiting up to BLOCK_MS for some); return the new cursor. Without
+        news, keep a waiting job's position current, and give up on a running job no worker has spoken of for
+        longer than a job may take plus two leases."""
+        reply = await self.redis.xread({key: cursor}, count=wire.EVENTS_MAXLEN, block=wire.BLOCK_MS)
+        events = reply[0][1] if reply else []
+        for event_id, fields in events:
+            cursor, job.heard = event_id.decode(), time.perf_counter()
+            if await self._apply(job, fields):
+                return cursor
+        if events:
+            return cursor
+        patience = self.settings.job_timeout_seconds + 2 * self.settings.worker_lease_seconds
+        if job.started_at is None:
+            await self._check_queue(job, key, cursor)
+        elif time.perf_counter() - job.heard > patience:
+            log.error("No word on running job %s for too long; giving up", job.id)
+            self._settle(job, JobFailed(SILENT))
+        return cursor
+
+    async def _check_queue(self, job: RedisJob[Any], key: str, last_id: str) -> None:
+        """Update a waiting job's position; a job whose entry vanished without an outcome was lost."""
+        entry_id = job.entry_id
+        if entry_id is None:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_groups(wire.JOBS)
+            pipe.xrange(wire.JOBS, entry_id, entry_id)
+            groups, entry = await pipe.execute()
+        if not entry:  # its worker deletes the entry in the same step as it writes the outcome: read it
+            late = await self.redis.xread({key: last_id}, count=wire.EVENTS_MAXLEN)
+            for _event_id, fields in (late[0][1] if late else []):
+                if await self._apply(job, fields):
+                    return
+            log.error("Job %s left the queue without an outcome", job.id)
+            self._settle(job, JobFailed(LOST))
+            return
+        delivered = max((_entry_order(g["last-delivered-id"]) for g in groups), default=(0, 0))
+        if _entry_order(entry_id) <= delivered:
+            position = 1  # a worker holds it and starts it with its next batch
+        else:
+            start = "-" if delivered == (0, 0) else "({}-{}".format(*delivered)
+            ahead = await self.redis.xrange(wire.JOBS, start, f"({entry_id}", count=1000)
+            position = len(ahead) + 1
+        if position != job._position:
+            job._position = position
+            job.changed.set()
+
+    async def _apply(self, job: RedisJob[Any], fields: dict[bytes, bytes]) -> bool:
+        """Apply one event; True once the job has ended."""
+        kind = wire.field(fields, "type")
+        if kind == wire.STARTED:
+            job.started_at = job.started_at or time.perf_counter()
+            job.attempt = int(wire.field(fields, "attempt", "1"))
+        elif kind == wire.RESTARTED:
+            job.note, job.progress = RESTARTED_NOTE, None
+        elif kind == wire.PROGRESS:  # with the answer so far, for a question
+            done, total = int(wire.field(fields, "done")), int(wire.field(fields, "total"))
+            job.progress = Progress(done, total, wire.field(fields, "text") or None)
+        elif kind == wire.PREVIEW:  # with the images drawn so far, stored under their own keys
+            done, total = int(wire.field(fields, "done")), int(wire.field(fields, "total"))
+            keys = [wire.preview_key(job.id, index) for index in range(int(wire.field(fields, "count")))]
+            blobs = await self.redis.mget(keys)
+            if all(blobs):  # else overwritten by a later preview meanwhile, or expired: the next one will do
+                images = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs])
+                job.progress = Progress(done, total, images)
+        elif kind in wire.TERMINAL:
+            await self._end(job, kind, fields)
+            return True
+        job.changed.set()
+        return False
+
+    async def _end(self, job: RedisJob[Any], kind: str, fields: dict[bytes, bytes]) -> None:
+        outcome: Any
+        if kind == wire.DONE:
+            count = int(wire.field(fields, "count"))
+            blobs = await self.redis.mget([wire.result_key(job.id, index) for index in range(count)])
+            if not all(blobs):
+                outcome = JobFailed(EXPIRED)
+            elif job.kind == "ask":
+                outcome = blobs[0].decode()
+            else:
+                outcome = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs])
+        elif kind == wire.FAILED:
+            outcome = JobFailed(wire.field(fields, "text") or LOST)
+        else:
+            outcome = JobCancelled(wire.field(fields, "text") or "This request was cancelled.")
+        if job.origin is not None:  # whoever removes it from the awaiting hash delivers it: once, by job id
+            job.claimed = bool(await self.redis.hdel(wire.AWAITING, job.id))
+            if not job.claimed:  # another process of the bot (one that re-attached) has it
+                log.info("Job %s is being delivered elsewhere", job.id)
+                outcome = JobCancelled(ELSEWHERE)
+        self._settle(job, outcome)
+
+    @staticmethod
+    def _settle(job: RedisJob[Any], outcome: Any) -> None:
+        if job.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+        job.finished_at = time.perf_counter()
+        job.changed.set()
+
+    # ---- after a restart -----------------------------------------------------------------------------------
+
+    async def reattach(self, deliver: Deliver) -> int:
+        """Follow again the jobs an earlier run of the bot was awaiting; each outcome that this process is the
+        first to claim goes to `deliver(job, request, origin)`. Returns how many jobs were picked up."""
+        awaiting = await self.redis.hgetall(wire.AWAITING)
+        entries = await self.redis.xrange(wire.JOBS)  # short: an entry is deleted as its job ends
+        queued = {wire.field(fields, "job"): entry_id.decode() for entry_id, fields in entries}
+        picked = 0
+        for raw_id, raw_meta in awaiting.items():
+            job_id = raw_id.decode()
+            if job_id in self.jobs:
+                continue
+            meta = json.loads(raw_meta)
+            request = wire.decode_request("imagine", meta["request"], [])
+            assert isinstance(request, ImagineRequest)
+            job: RedisJob[list[Image.Image]] = RedisJob(
+                self, job_id=job_id, kind="imagine", owner=int(meta["owner"]), weight=request.count,
+                origin=Origin(int(meta["guild"]), int(meta["channel"])))
+            job.entry_id = queued.get(job_id, "0-1")  # not queued any more: ran or is running (or was lost)
+            self.jobs[job_id] = job
+            self._spawn(self._resume(job, request, deliver), f"reattached-{job_id}")
+            picked += 1
+        if picked:
+            log.info("Re-attached to %d job(s) an earlier run was waiting for", picked)
+        return picked
+
+    async def _resume(self, job: RedisJob[list[Image.Image]], request: ImagineRequest, deliver: Deliver) -> None:
+        await self._follow(job)
+        if job.claimed:
+            await deliver(job, request, job.origin)  # type: ignore[arg-type]
+
+    # ---- tasks ---------------------------------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, UserFacingError):
+            return
+        if error is not None:
+            log.error("Task %s failed", task.get_name(), exc_info=error)
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (milliseconds, sequence)."""
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+@asynccontextmanager
+async def open_backend(settings: Settings) -> AsyncIterator[RedisBackend | None]:
+    """The Redis backend when EXECUTOR=redis, else None (the bot keeps its in-process LocalBackend)."""
+    if settings.executor != "redis":
+        yield None
+        return
+    async with RedisBackend.connect(settings) as backend:
+        yield backend
