@@ -59,3 +59,27 @@ async def test_the_client_reads_message_content_and_shards_itself(settings, monk
     # `python -m bot` gives no shard count, so discord.py asks Discord (GET /gateway/bot) how many it needs.
     bot = JanusBot(settings=settings, store=None, executor=GpuExecutor())  # type: ignore[arg-type]
     assert bot.shard_count is None and bot.intents.message_content
+
+
+async def test_the_gateway_follows_discord_gateway_url(make_bot, monkeypatch):
+    """Auto-sharding asks GET /gateway/bot for the shard count; the URL it connects to is DISCORD_GATEWAY_URL."""
+    gateway = "ws://127.0.0.1:9998/gateway"
+
+    async def discord_answer(self) -> tuple[int, str, dict]:
+        return 3, "wss://gateway.discord.gg", {"total": 1000}
+
+    monkeypatch.setattr(discord.http.HTTPClient, "get_bot_gateway", discord_answer)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    bot = await make_bot(discord_gateway_url=gateway)
+    shards, url, _limits = await bot.http.get_bot_gateway()
+    assert (shards, url) == (3, gateway)
+    assert str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == gateway  # reconnects without a resume URL
+
+
+async def test_without_discord_gateway_url_the_reported_gateway_is_used(make_bot, monkeypatch):
+    async def discord_answer(self) -> tuple[int, str, dict]:
+        return 1, "wss://gateway.discord.gg", {"total": 1000}
+
+    monkeypatch.setattr(discord.http.HTTPClient, "get_bot_gateway", discord_answer)
+    bot = await make_bot()
+    assert (await bot.http.get_bot_gateway())[1] == "wss://gateway.discord.gg"
