@@ -64,7 +64,7 @@ class Quota:
         async with self._charging:
             charge = await self.bot.store.charge(
                 guild.id if guild else 0, user.id, kind, now=discord.utils.utcnow(), policy=policy,
-                exempt=policy.exempts(roles), queued=self.bot.executor.jobs_of(user.id),
+                exempt=policy.exempts(roles), queued=self.bot.backend.jobs_of(user.id),
             )
         if not charge.decision.allowed:
             raise QuotaExceeded(charge.decision.reason)

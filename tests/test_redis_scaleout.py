@@ -1,0 +1,376 @@
+"""Scale-out through Redis (EXECUTOR=redis): a real redis-server, real worker processes (`python -m
+scaleout_procs worker`: bot.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
+1.5 s, so a takeover happens within about two seconds; every wait has a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import discord
+import pytest
+import redis.asyncio as aioredis
+from PIL import Image
+from scaleout_procs import color
+from scene import decode, open_scene
+
+from bot import redis_wire as wire
+from bot.backends import Origin
+from bot.client import JanusBot
+from bot.errors import JobCancelled
+from bot.executor import GpuExecutor
+from bot.redis_backend import RESTARTED_NOTE, RedisBackend
+from bot.requests import AskRequest, ImagineRequest, Turn
+from bot.settings import Settings
+from bot.store import UsageStore
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="needs redis-server (apt-get install redis-server; .ci/run installs it)")
+
+TESTS = Path(__file__).parent
+LEASE = 1.5
+
+
+async def until(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `check` until it is truthy, or fail after `timeout` seconds."""
+    deadline = time.perf_counter() + timeout
+    while not check():
+        if time.perf_counter() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away redis-server on a free local port, without persistence."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path_factory.mktemp("redis"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.perf_counter() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.perf_counter() < deadline and server.poll() is None, "redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on an empty database."""
+    client = wire.connect(redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, discord_token="test-token", executor="redis", redis_url=redis_url,
+                    worker_lease_seconds=LEASE, status_update_seconds=0.05, result_ttl_seconds=120,
+                    data_dir=tmp_path / "data", upscaler_weights="none")
+
+
+class Processes:
+    """Worker (and bot-side) processes of one test; all killed at its end."""
+
+    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+        self.tmp_path, self.runs_file = tmp_path, tmp_path / "runs.txt"
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                    "REDIS_URL": settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
+                    "WORKER_LEASE_SECONDS": str(LEASE), "STATUS_UPDATE_SECONDS": "0.05",
+                    "RESULT_TTL_SECONDS": "120", "FAKE_RUNS": str(self.runs_file), "LOG_LEVEL": "INFO"}
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+
+    def spawn(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"proc-{len(self.started)}.log"
+        process = subprocess.Popen([sys.executable, "-m", "scaleout_procs", *args], cwd=self.tmp_path,
+                                   env={**self.env, **env}, stdout=subprocess.PIPE, stderr=log.open("wb"))
+        self.started.append(process)
+        self.logs[process.pid] = log
+        return process
+
+    async def worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """A worker process, once it is ready to take jobs."""
+        process = self.spawn("worker", **env)
+        await until(lambda: b"ready" in self.logs[process.pid].read_bytes() or process.poll() is not None, 30,
+                    "a worker to start")
+        assert process.poll() is None, self.logs[process.pid].read_text()
+        return process
+
+    def runs(self) -> list[tuple[int, str]]:
+        """(worker pid, prompt) of every request a fake studio started, in order."""
+        lines = self.runs_file.read_text().splitlines() if self.runs_file.exists() else []
+        return [(int(pid), prompt) for pid, prompt in (line.split(" ", 1) for line in lines)]
+
+    def stop(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+            if process.stdout:
+                process.stdout.close()
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Path, redis: aioredis.Redis) -> Iterator[Processes]:
+    processes = Processes(settings, tmp_path)
+    yield processes
+    processes.stop()
+
+
+@pytest.fixture
+async def backend(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[RedisBackend]:
+    async with RedisBackend.connect(settings) as connected:
+        yield connected
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+async def events(redis: aioredis.Redis, job_id: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _id, fields in await redis.xrange(wire.events_key(job_id))]
+
+
+async def nothing_left(redis: aioredis.Redis) -> None:
+    """No job entry is pending or waiting."""
+    assert (await redis.xpending(wire.JOBS, wire.GROUP))["pending"] == 0
+    assert await redis.xlen(wire.JOBS) == 0
+
+
+def colors(prompt: str, seed: int, count: int) -> list[tuple[int, int, int]]:
+    return [color(prompt, seed, index) for index in range(count)]
+
+
+# ---- leases and takeovers ---------------------------------------------------------------------------------
+
+
+async def test_a_killed_workers_job_is_taken_over_and_delivered_once(procs, backend, redis):
+    first = await procs.worker()
+    prompt = "a fox in snow slow:1.5"
+    job = backend.imagine(ImagineRequest(prompt, count=2, seed=1), owner=7)
+    await until(lambda: job.progress is not None, 15, "the first worker's progress")
+    kill(first)
+    second = await procs.worker()
+
+    images = await asyncio.wait_for(job, 20)
+
+    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 1, 2)
+    assert job.note == RESTARTED_NOTE and job.attempt == 2
+    log = await events(redis, job.id)
+    assert [e["type"] for e in log if e["type"] in wire.TERMINAL] == ["done"]  # exactly one outcome
+    assert [e["attempt"] for e in log if e["type"] == "started"] == ["1", "2"]  # the entry was delivered twice
+    assert procs.runs() == [(first.pid, prompt), (second.pid, prompt)]
+    await nothing_left(redis)
+
+
+async def test_a_long_job_on_a_live_worker_is_not_taken_over(procs, backend, redis):
+    await procs.worker()
+    await procs.worker()  # idle, looking for expired leases all along
+    prompt = f"a slow tortoise slow:{3 * LEASE}"
+    job = backend.imagine(ImagineRequest(prompt, count=1), owner=7)
+
+    await asyncio.wait_for(job, 30)
+
+    assert [prompt for _pid, prompt in procs.runs()] == [prompt]
+    starts = [e["type"] for e in await events(redis, job.id) if e["type"] in ("started", "restarted")]
+    assert starts == ["started"]
+    assert job.note is None
+    await nothing_left(redis)
+
+
+# ---- slots, cancel --------------------------------------------------------------------------------------
+
+
+async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, redis):
+    await asyncio.gather(procs.worker(WORKER_SLOTS="2"), procs.worker(WORKER_SLOTS="2"))
+    jobs = [backend.imagine(ImagineRequest(f"pebble {i} slow:0.6", count=1, seed=i), owner=i) for i in range(8)]
+    most: dict[bytes, int] = {}
+
+    async def sample() -> None:
+        while not all(job.done() for job in jobs):
+            for consumer in (await redis.xpending(wire.JOBS, wire.GROUP))["consumers"]:
+                most[consumer["name"]] = max(most.get(consumer["name"], 0), consumer["pending"])
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(asyncio.gather(sample(), *jobs), 30)
+
+    assert len(most) == 2 and all(1 <= held <= 2 for held in most.values()), most
+    assert len({pid for pid, _prompt in procs.runs()}) == 2  # neither worker was starved
+    await nothing_left(redis)
+
+
+async def test_a_cancelled_queued_job_is_never_run(procs, backend, redis):
+    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7)
+    behind = backend.imagine(ImagineRequest("after it", count=1), owner=8)
+    await until(lambda: withdrawn.position == 1 and behind.position == 2, 10, "queue positions from Redis")
+
+    assert withdrawn.cancel()
+    with pytest.raises(JobCancelled):
+        await withdrawn
+    deadline = time.perf_counter() + 10
+    while not await redis.exists(wire.cancel_key(withdrawn.id)):
+        assert time.perf_counter() < deadline, "the cancel flag never reached Redis"
+        await asyncio.sleep(0.02)
+    await procs.worker()
+
+    await asyncio.wait_for(behind, 20)
+
+    assert [prompt for _pid, prompt in procs.runs()] == ["after it"]
+    assert [e["type"] for e in await events(redis, withdrawn.id)] == ["cancelled"]
+    await nothing_left(redis)
+
+
+async def test_a_question_with_images_is_answered_by_a_worker(procs, backend, redis):
+    await procs.worker()
+    picture = Image.new("RGB", (5, 7), (1, 2, 3))
+    job = backend.ask(AskRequest("what is this?", images=(picture,), history=(Turn("user", "hi", (picture,)),)),
+                      owner=7)
+    partial: list[str] = []
+
+    async def watch() -> None:
+        while not job.done():
+            await job.changed.wait()
+            job.changed.clear()
+            if job.progress and job.progress.preview:
+                partial.append(job.progress.preview)
+
+    answer, _ = await asyncio.wait_for(asyncio.gather(job, watch()), 20)
+
+    assert answer == "1 image(s): 5x7"
+    assert partial and answer.startswith(partial[0])  # the answer streamed
+    assert await redis.get(wire.result_key(job.id, 0)) == answer.encode()  # results live under their own keys
+    assert 0 < await redis.ttl(wire.input_key(job.id, 1)) <= 120  # so do the question's two images, expiring
+    await nothing_left(redis)
+
+
+# ---- the bot side restarts ------------------------------------------------------------------------------
+
+
+async def test_a_restarted_bot_reattaches_and_delivers_exactly_once(procs, settings, redis):
+    await procs.worker()
+    prompt = "a cat on a piano slow:2"
+    bot_side = procs.spawn("bot", prompt, "11", "22", "33")
+    lines: list[str] = []
+    assert bot_side.stdout is not None
+    async with asyncio.timeout(20):
+        while not (lines and lines[-1].startswith("progress")):
+            lines.append((await asyncio.to_thread(bot_side.stdout.readline)).decode().strip())
+    kill(bot_side)  # mid-job: nothing of it runs any more
+    job_id = lines[-1].split()[1]
+    delivered: list[tuple[str, ImagineRequest, Origin, list]] = []
+
+    async def deliver(job, request, origin) -> None:
+        delivered.append((job.id, request, origin, await job))
+
+    async with RedisBackend.connect(settings) as restarted:
+        assert await restarted.reattach(deliver) == 1
+        await until(lambda: delivered, 20, "the re-attached job's delivery")
+    async with RedisBackend.connect(settings) as again:
+        assert await again.reattach(deliver) == 0  # delivered once: nothing left to re-attach
+
+    [(delivered_id, request, origin, images)] = delivered
+    assert (delivered_id, request.prompt, origin) == (job_id, prompt, Origin(11, 22))
+    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 7, 2)
+    assert await redis.hlen(wire.AWAITING) == 0
+    await nothing_left(redis)
+
+
+# ---- through Discord (SimCord) --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_redis_bot(settings: Settings, redis_url: str,
+                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable]:
+    """JanusBots with EXECUTOR=redis as run_bot builds them: no model in the process, a RedisBackend each."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after the test
+    made: list[tuple[JanusBot, RedisBackend]] = []
+
+    async def make() -> JanusBot:
+        current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
+        store = await UsageStore.connect(current.database_path)
+        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), shard_count=1)
+        bot.backend = RedisBackend(wire.connect(redis_url), current)
+        made.append((bot, bot.backend))
+        return bot
+
+    yield make
+    for bot, backend in made:
+        await backend.close()
+        await bot.executor.close(grace=5)
+        await bot.store.close()
+
+
+@pytest.fixture
+async def simcord_bot(make_redis_bot, redis):
+    return await make_redis_bot()
+
+
+async def test_imagine_through_discord_is_drawn_by_a_worker(simcord_env, procs):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    prompt = "a red fox slow:0.5"
+
+    result = await scene.alice.slash(scene.channel, "imagine", prompt=prompt, seed=3)
+
+    images = [await decode(attachment) for attachment in result.response.attachments]
+    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 3, 2)
+    assert any("Drawing 2 image(s)" in content for content in scene.contents("PATCH"))
+    assert [prompt for _pid, prompt in procs.runs()] == [prompt]
+
+
+async def test_a_job_that_keeps_killing_workers_is_set_aside_refunded_and_told(simcord_env, procs, redis):
+    scene = open_scene(simcord_env)
+    workers = await asyncio.gather(*(procs.worker() for _ in range(4)))
+
+    result = await scene.alice.slash(scene.channel, "imagine", prompt="kill me", count=1)
+
+    assert result.response.content.startswith("⚠️ Sorry, this request stopped the GPU worker that took it 3 times")
+    usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Generations: 0/20 used" in usage.response.content  # refunded
+    [(_id, dead)] = await redis.xrange(wire.DEAD)
+    assert dead[b"deliveries"] == b"4"  # first delivery, two takeovers that also died, then set aside
+    assert sorted(w.poll() for w in workers if w.poll() is not None) == [-signal.SIGKILL] * 3
+    assert len({pid for pid, _prompt in procs.runs()}) == 3
+    await nothing_left(redis)
+
+
+async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(simcord_env, procs, settings,
+                                                                             make_redis_bot, redis):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    prompt = "a heron at dusk slow:1"
+    async with RedisBackend.connect(settings) as before:  # the bot's side before the restart
+        job = before.imagine(ImagineRequest(prompt, count=2, seed=5), owner=scene.alice.id,
+                             origin=Origin(scene.guild.id, scene.channel.id))
+        await until(lambda: job.progress is not None, 15, "progress")
+    # It went away mid-job without withdrawing anything (test_a_restarted_bot_reattaches_... kills it outright).
+
+    await simcord_env.restart_bot(await make_redis_bot())  # its cog re-attaches while it starts
+
+    [message] = scene.bot_messages()
+    assert message.content.startswith(f"**{prompt}** — {scene.alice.mention}")
+    assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 5, 2)
+    assert message.components  # Re-roll, Delete, Describe
