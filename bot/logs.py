@@ -16,6 +16,8 @@ class JsonFormatter(logging.Formatter):
                  "message": record.getMessage()}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # already formatted (and redacted) by RedactSecret
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
 
