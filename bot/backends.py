@@ -4,29 +4,35 @@ can be served by GPU workers elsewhere (bot/redis_backend.py). Cogs only ever se
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
 from bot.executor import GpuExecutor, Job, Reporter
 from bot.requests import AskRequest, ImagineRequest
+from bot.store import Charge
 
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a request was made, so that a restarted bot can still post its result there (EXECUTOR=redis)."""
+    """Where a request was made, so that a restarted bot can still post its result there (EXECUTOR=redis).
+    With the interaction's application id and token (valid 15 minutes), it can also keep editing the original
+    response; the token is a credential: it is never shown in a repr, and Redis keeps it only as long as the
+    job's other keys."""
 
     guild_id: int
     channel_id: int
+    application_id: int = 0
+    token: str = field(default="", repr=False)
 
 
 class Backend(Protocol):
     """What the cogs need from whatever runs the model."""
 
     def ask(self, request: AskRequest, *, owner: int) -> Job[str]: ...
-    def imagine(self, request: ImagineRequest, *, owner: int,
-                origin: Origin | None = None) -> Job[list[Image.Image]]: ...
+    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[list[Image.Image]]: ...
     def jobs_of(self, owner: int) -> int: ...
 
 
@@ -40,8 +46,9 @@ class LocalBackend:
     def ask(self, request: AskRequest, *, owner: int) -> Job[str]:
         return self.executor.submit(lambda report: self.studio().ask(request, report), kind="ask", owner=owner)
 
-    def imagine(self, request: ImagineRequest, *, owner: int,
-                origin: Origin | None = None) -> Job[list[Image.Image]]:
+    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[list[Image.Image]]:
+        """`origin` and `charge` matter only to a backend whose jobs outlive the bot; here they die with it."""
         return self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
                                             owner=owner)
 

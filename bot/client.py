@@ -117,10 +117,15 @@ class JanusBot(commands.AutoShardedBot):
         await reply_privately(interaction, text)
 
     async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stop taking requests, tell the queued members, let the running job finish, then log out."""
+        """Stop taking requests, tell the queued members, let the running job finish and every answer go out,
+        then log out."""
         log.info("Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
                  grace, max(self.executor.depth - len(self.executor.running), 0))
+        started = time.perf_counter()
         await self.executor.close(grace=grace)
+        serving = self.quota.in_flight - {asyncio.current_task()}
+        if serving:  # results still being delivered and members being told need the connection and the store
+            await asyncio.wait(serving, timeout=max(grace - (time.perf_counter() - started), 10.0))
         await self.close()
 
 
@@ -133,6 +138,15 @@ async def reply_privately(interaction: discord.Interaction, text: str) -> None:
             await interaction.response.send_message(text, ephemeral=True)
     except discord.HTTPException as error:
         log.warning("Could not tell %s: %s (%s)", interaction.user, text, error)
+
+
+async def acknowledge(interaction: discord.Interaction) -> None:
+    """Show "thinking…" for a request that was taken. When Discord refuses (the interaction is unknown, 10062, or
+    was already acknowledged, 40060), the work goes ahead anyway: its answer then falls back to the channel."""
+    try:
+        await interaction.response.defer(thinking=True)
+    except discord.HTTPException as error:
+        log.warning("Could not acknowledge %s's request (%s); it will still be answered", interaction.user, error)
 
 
 async def run_bot(settings: Settings) -> int:

@@ -285,6 +285,10 @@ class GpuExecutor:
             log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
                       self.job_timeout)
             await asyncio.wait([thread_future])
+            # The cancelled shield no longer looks at the thread's outcome: take it, or asyncio logs it as an
+            # error that was never retrieved.
+            if not thread_future.cancelled() and (stopped := thread_future.exception()) is not None:
+                log.info("The timed-out %s job stopped: %r", work.jobs[0].kind, stopped)
             raise
 
     @staticmethod

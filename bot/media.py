@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
+import unicodedata
 from collections.abc import Sequence
 
 import discord
@@ -16,8 +16,9 @@ from bot.images import IMAGE_EXTENSIONS, decode_image, encode_for_upload
 MESSAGE_LIMIT = 2000
 FILES_PER_MESSAGE = 10
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # Discord's limit for servers without boosts
-_ZERO_WIDTH = re.compile("[\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Unicode's control, format (zero-width, bidi overrides and isolates, soft hyphen, the invisible tag characters
+# that can smuggle text to a model) and line/paragraph separator classes.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def is_image(attachment: discord.Attachment) -> bool:
@@ -52,7 +53,10 @@ async def read_image(attachment: discord.Attachment, *, max_bytes: int) -> Image
 
 async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: int,
                       limit: int) -> list[Image.Image]:
-    """The image attachments among `attachments` (at most `limit`); non-images are refused politely."""
+    """The image attachments among `attachments` (at most `limit`); non-images are refused politely, before
+    any of them is downloaded."""
+    for attachment in attachments[:limit]:
+        check_attachment(attachment, max_bytes=max_bytes)
     return [await read_image(a, max_bytes=max_bytes) for a in attachments[:limit]]
 
 
@@ -69,8 +73,8 @@ def clean_name(name: str) -> str:
 
 
 def clean_text(text: str) -> str:
-    """Drop zero-width and control characters (keeping newlines and tabs) and trim."""
-    return _CONTROL.sub("", _ZERO_WIDTH.sub("", text)).strip()
+    """Drop invisible and control characters (keeping newlines and tabs) and trim."""
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) not in _INVISIBLE).strip()
 
 
 def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
@@ -90,6 +94,31 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     if rest:
         chunks.append(rest)
     return chunks
+
+
+def missing_permission(channel: object, *, files: bool = False) -> str | None:
+    """The permission the bot lacks to post (with files, if `files`) in a server channel, as Discord's settings
+    name it; None when it has them or the channel is not a server's."""
+    guild = getattr(channel, "guild", None)
+    if guild is None or guild.me is None:
+        return None
+    permissions = channel.permissions_for(guild.me)  # type: ignore[attr-defined]
+    if isinstance(channel, discord.Thread):
+        if not permissions.send_messages_in_threads:
+            return "Send Messages in Threads"
+    elif not permissions.send_messages:
+        return "Send Messages"
+    if files and not permissions.attach_files:
+        return "Attach Files"
+    return None
+
+
+def cannot_post(missing: str | None) -> str:
+    """What to tell a member when Discord refused our post (403) for want of `missing` (None: unknown)."""
+    if missing is None:
+        return "Discord didn't let me post in this channel; please ask an admin to check my permissions here."
+    action = "attach files" if missing == "Attach Files" else "post"
+    return f"I can't {action} in this channel; please ask an admin to give me {missing}."
 
 
 def upload_limit(guild: discord.Guild | None) -> int:

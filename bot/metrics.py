@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -19,11 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class BotCollector(Collector):
-    def __init__(self, bot: JanusBot) -> None:
-        self.bot = bot
+    def __init__(self, bot: JanusBot, loop: asyncio.AbstractEventLoop) -> None:
+        self.bot, self.loop = bot, loop
 
     def collect(self) -> Iterator[Metric]:
-        status = snapshot(self.bot)
+        # With EXECUTOR=redis the queue is in Redis, read on the bot's loop: scrapes come on the server's thread.
+        # (Registering collects once on the loop itself, only to learn the names: it must not wait for the loop.)
+        queue_depth = getattr(self.bot.backend, "queue_depth", None)
+        depth = None
+        if queue_depth is not None and not _on_loop():
+            depth = asyncio.run_coroutine_threadsafe(queue_depth(), self.loop).result(timeout=5)
+        status = snapshot(self.bot, depth)
         yield GaugeMetricFamily("janus_queue_waiting", "Jobs waiting for the GPU", value=status.waiting)
         yield GaugeMetricFamily("janus_queue_running", "Jobs running on the GPU", value=status.running)
         yield CounterMetricFamily("janus_jobs_done", "Jobs finished since start", value=status.jobs_done)
@@ -38,8 +45,16 @@ class BotCollector(Collector):
         yield seconds
 
 
+def _on_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def serve_metrics(bot: JanusBot, port: int) -> None:
-    """Start the endpoint on its own thread; scrapes read the bot's figures directly."""
-    REGISTRY.register(BotCollector(bot))
+    """Start the endpoint on its own thread; scrapes read the bot's figures directly. Call it on the bot's loop."""
+    REGISTRY.register(BotCollector(bot, asyncio.get_running_loop()))
     start_http_server(port)
     log.info("Prometheus metrics on :%d/metrics", port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from PIL import Image
@@ -38,14 +38,18 @@ class Quota:
         # Counting a member's queued jobs and charging happen under one lock, and callers queue the job as
         # soon as admit returns: simultaneous requests then cannot all see the same short queue.
         self._charging = asyncio.Lock()
+        # The tasks serving admitted requests, until they end: a shutdown lets them deliver before logging out.
+        self.in_flight: set[asyncio.Task[Any]] = set()
 
     async def policy(self, guild: discord.Guild | None) -> Policy:
         return self.defaults if guild is None else await self.bot.store.policy(guild.id, self.defaults)
 
     async def admit(self, kind: Kind, *, guild: discord.Guild | None, channel: Place,
-                    user: discord.abc.User, text: str) -> Charge:
-        """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see.
-        Queue the request's job before awaiting anything else, so the next admit counts it."""
+                    user: discord.abc.User, text: str, typed: str | None = None) -> Charge:
+        """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see. `text` is
+        all the model will read (checked for banned words); `typed` is the part the member wrote, whose length
+        the limit counts (default: all of `text`). Queue the request's job before awaiting anything else, so the
+        next admit counts it."""
         if guild is None and not self.bot.settings.allow_dms:
             raise QuotaExceeded("I only work in servers, not in direct messages.")
         policy = await self.policy(guild)
@@ -55,8 +59,9 @@ class Quota:
             raise QuotaExceeded(f"I'm not enabled in this channel on this server; try {places}.")
         if kind == "imagine" and policy.nsfw_only and not is_nsfw(channel):
             raise QuotaExceeded("On this server, /imagine works only in age-restricted (NSFW) channels.")
-        if len(text) > policy.max_prompt_length:
-            raise BadPrompt(f"That's {len(text)} characters; the limit here is {policy.max_prompt_length}. "
+        length = len(text if typed is None else typed)
+        if length > policy.max_prompt_length:
+            raise BadPrompt(f"That's {length} characters; the limit here is {policy.max_prompt_length}. "
                             "Please shorten it and try again.")
         if (word := banned_word_in(text, policy.banned_words)) is not None:
             raise BadPrompt(f"That contains “{quote(word, 40)}”, which this server doesn't allow.")
@@ -68,6 +73,9 @@ class Quota:
             )
         if not charge.decision.allowed:
             raise QuotaExceeded(charge.decision.reason)
+        if (task := asyncio.current_task()) is not None:
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
         return charge
 
     async def refund(self, charge: Charge) -> None:

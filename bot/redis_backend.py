@@ -5,7 +5,9 @@ progress, position, done, cancel, await).
 A request made with an `Origin` is also written to `janus:bot:awaiting` until its outcome is handed over. A bot
 that was restarted mid-job re-attaches to those jobs (`reattach`) and hands each outcome to a delivery hook.
 Whoever removes a job from that hash (HDEL returns 1) delivers it, so each job reaches its member at most once;
-its durable event stream keeps the outcome meanwhile.
+its durable event stream keeps the outcome meanwhile. The record also keeps the request's charge, so that a
+re-attached job that fails is refunded; the interaction's token, with which the restarted bot keeps editing the
+original response, is kept apart under a key that expires (janus:job:{id}:reply).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -27,8 +30,10 @@ from bot import redis_wire as wire
 from bot.backends import Origin
 from bot.errors import JobCancelled, JobFailed, QueueFull, UserFacingError
 from bot.executor import Job, Progress
+from bot.limits import ALLOWED
 from bot.requests import AskRequest, ImagineRequest
 from bot.settings import Settings
+from bot.store import Charge
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +46,9 @@ SILENT = "Sorry, the GPU worker running this request stopped answering. Please t
 ELSEWHERE = "This request's result was delivered by another instance of the bot."
 UNREACHABLE_AFTER_SECONDS = 60.0
 RESTARTED_NOTE = "A GPU worker stopped while working on this, so another one started it over."
+TOKEN_SECONDS = 15 * 60  # an interaction token's life: no use keeping it longer
 
-Deliver = Callable[["RedisJob[list[Image.Image]]", ImagineRequest, Origin], Awaitable[None]]
+Deliver = Callable[["RedisJob[list[Image.Image]]", ImagineRequest, Origin], Coroutine[Any, Any, None]]
 
 
 class RedisJob(Job[T]):
@@ -56,6 +62,9 @@ class RedisJob(Job[T]):
         self.note: str | None = None  # said with the result: the job was taken over after a worker stopped
         self.attempt = 0  # which delivery of the entry last started it
         self.claimed = False  # this process removed the job from the awaiting hash, so it delivers it
+        self.elsewhere = False  # another process of the bot removed it first, and delivers it
+        self.handed_over = False  # this process stopped following it; the next run re-attaches and settles it
+        self.charge: Charge | None = None  # a re-attached job's charge, to refund if it fails
         self.heard = time.perf_counter()  # when its last event arrived
         self._position = 1
 
@@ -109,6 +118,11 @@ class RedisBackend:
     async def close(self) -> None:
         """Stop following jobs without withdrawing them: workers finish them, and the next run re-attaches."""
         self.closing = True
+        for job in list(self.jobs.values()):  # their waiters in this process stop; a restarted bot takes over
+            if not job.future.done():
+                job.handed_over = job.origin is not None
+                job.future.cancel()
+                job.changed.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -119,12 +133,24 @@ class RedisBackend:
     def ask(self, request: AskRequest, *, owner: int) -> RedisJob[str]:
         return self._submit(request, owner=owner, weight=1, origin=None)
 
-    def imagine(self, request: ImagineRequest, *, owner: int,
-                origin: Origin | None = None) -> RedisJob[list[Image.Image]]:
-        return self._submit(request, owner=owner, weight=request.count, origin=origin)
+    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> RedisJob[list[Image.Image]]:
+        job = self._submit(request, owner=owner, weight=request.count, origin=origin)
+        job.charge = charge  # written with the awaiting record, for a restarted bot to refund
+        return job
 
     def jobs_of(self, owner: int) -> int:
         return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())
+
+    async def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running) over every bot's jobs, read from Redis: entries no worker has taken yet, and entries
+        workers hold (they take no more than they have free slots for, so they run them)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(wire.JOBS)
+            pipe.xpending(wire.JOBS, wire.GROUP)
+            length, pending = await pipe.execute()
+        held = int(pending["pending"])
+        return max(length - held, 0), held
 
     # ---- submitting and withdrawing ------------------------------------------------------------------------
 
@@ -168,7 +194,12 @@ class RedisBackend:
                 pipe.hset(wire.AWAITING, job.id, json.dumps({
                     "owner": str(job.owner), "guild": str(job.origin.guild_id),
                     "channel": str(job.origin.channel_id), "request": payload,
+                    "charge": None if job.charge is None else charge_fields(job.charge),
                 }))
+                if job.origin.token:
+                    pipe.set(wire.reply_key(job.id), json.dumps({
+                        "application": str(job.origin.application_id), "token": job.origin.token,
+                    }), ex=min(self.ttl, TOKEN_SECONDS))
             pipe.xadd(wire.JOBS, {"job": job.id, "kind": kind, "weight": job.weight, "request": payload})
             *_, entry_id = await pipe.execute()
         job.entry_id = entry_id.decode()
@@ -301,6 +332,7 @@ class RedisBackend:
             job.claimed = bool(await self.redis.hdel(wire.AWAITING, job.id))
             if not job.claimed:  # another process of the bot (one that re-attached) has it
                 log.info("Job %s is being delivered elsewhere", job.id)
+                job.elsewhere = True
                 outcome = JobCancelled(ELSEWHERE)
         self._settle(job, outcome)
 
@@ -318,8 +350,10 @@ class RedisBackend:
     # ---- after a restart -----------------------------------------------------------------------------------
 
     async def reattach(self, deliver: Deliver) -> int:
-        """Follow again the jobs an earlier run of the bot was awaiting; each outcome that this process is the
-        first to claim goes to `deliver(job, request, origin)`. Returns how many jobs were picked up."""
+        """Follow again the jobs an earlier run of the bot was awaiting. `deliver(job, request, origin)` is called
+        at once for each, to show the job's progress and then deliver it; the origin has the interaction's token
+        while it lives, and `job.charge` is the request's charge. A job another process claimed first ends with
+        JobCancelled and `job.elsewhere` set: it is not this one's to deliver. Returns how many were picked up."""
         awaiting = await self.redis.hgetall(wire.AWAITING)
         entries = await self.redis.xrange(wire.JOBS)  # short: an entry is deleted as its job ends
         queued = {wire.field(fields, "job"): entry_id.decode() for entry_id, fields in entries}
@@ -331,21 +365,20 @@ class RedisBackend:
             meta = json.loads(raw_meta)
             request = wire.decode_request("imagine", meta["request"], [])
             assert isinstance(request, ImagineRequest)
+            reply = json.loads(await self.redis.get(wire.reply_key(job_id)) or "{}")  # gone once the token is
             job: RedisJob[list[Image.Image]] = RedisJob(
                 self, job_id=job_id, kind="imagine", owner=int(meta["owner"]), weight=request.count,
-                origin=Origin(int(meta["guild"]), int(meta["channel"])))
+                origin=Origin(int(meta["guild"]), int(meta["channel"]), int(reply.get("application", 0)),
+                              reply.get("token", "")))
             job.entry_id = queued.get(job_id, "0-1")  # not queued any more: ran or is running (or was lost)
+            job.charge = charge_from(meta["charge"]) if meta.get("charge") else None
             self.jobs[job_id] = job
-            self._spawn(self._resume(job, request, deliver), f"reattached-{job_id}")
+            self._spawn(self._follow(job), f"reattached-{job_id}")
+            self._spawn(deliver(job, request, job.origin), f"deliver-{job_id}")  # type: ignore[arg-type]
             picked += 1
         if picked:
             log.info("Re-attached to %d job(s) an earlier run was waiting for", picked)
         return picked
-
-    async def _resume(self, job: RedisJob[list[Image.Image]], request: ImagineRequest, deliver: Deliver) -> None:
-        await self._follow(job)
-        if job.claimed:
-            await deliver(job, request, job.origin)  # type: ignore[arg-type]
 
     # ---- tasks ---------------------------------------------------------------------------------------------
 
@@ -363,6 +396,22 @@ class RedisBackend:
             return
         if error is not None:
             log.error("Task %s failed", task.get_name(), exc_info=error)
+
+
+def charge_fields(charge: Charge) -> dict[str, Any]:
+    """What `UsageStore.refund` needs of an admitted charge, as JSON."""
+    previous = charge.previous_request_at
+    return {"guild_id": charge.guild_id, "user_id": charge.user_id, "kind": charge.kind, "day": charge.day,
+            "charged_at": charge.charged_at.isoformat(),
+            "previous_request_at": None if previous is None else previous.isoformat()}
+
+
+def charge_from(fields: dict[str, Any]) -> Charge:
+    """The admitted charge `charge_fields` wrote, to refund in a later run of the bot."""
+    previous = fields["previous_request_at"]
+    return Charge(ALLOWED, guild_id=int(fields["guild_id"]), user_id=int(fields["user_id"]), kind=fields["kind"],
+                  day=fields["day"], charged_at=datetime.fromisoformat(fields["charged_at"]),
+                  previous_request_at=None if previous is None else datetime.fromisoformat(previous))
 
 
 def _entry_order(entry_id: bytes | str) -> tuple[int, int]:

@@ -11,6 +11,8 @@ Keys (one Redis per bot):
     janus:job:{id}:preview:{n}  the latest preview of each image as PNG (overwritten)
     janus:job:{id}:result:{n}   the result: one PNG per image, or the answer as UTF-8
     janus:job:{id}:cancel       set by the bot to withdraw the job; workers look before and while running it
+    janus:job:{id}:reply        the interaction's application id and token, for a restarted bot to keep editing
+                                the original response (a credential: it expires with the token, never logged)
     janus:bot:awaiting          hash, job id -> what the bot needs to deliver the job after a restart
 
 Every per-job key expires RESULT_TTL_SECONDS after it was last written. Images never travel inside an entry:
@@ -62,6 +64,10 @@ def input_key(job_id: str, index: int) -> str:
 
 def preview_key(job_id: str, index: int) -> str:
     return f"janus:job:{job_id}:preview:{index}"
+
+
+def reply_key(job_id: str) -> str:
+    return f"janus:job:{job_id}:reply"
 
 
 def result_key(job_id: str, index: int) -> str:

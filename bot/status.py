@@ -24,21 +24,31 @@ class Status:
     timings: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # kind -> (jobs, mean s, p95 s)
 
 
-def snapshot(bot: JanusBot) -> Status:
+def snapshot(bot: JanusBot, depth: tuple[int, int] | None = None) -> Status:
+    """The figures; `depth` (waiting, running) overrides the local executor's queue (see `current`)."""
     studio, executor = bot.studio, bot.executor
+    waiting, running = depth if depth is not None else (executor.depth - len(executor.running),
+                                                        len(executor.running))
     device = studio.describe() if studio is not None else {}
     return Status(
         model=bot.settings.janus_model,
         device=str(device.get("device", bot.settings.janus_device)),
         dtype=str(device.get("dtype", bot.settings.janus_dtype)),
         loaded=studio is not None,
-        waiting=executor.depth - len(executor.running),
-        running=len(executor.running),
+        waiting=waiting,
+        running=running,
         jobs_done=executor.jobs_done,
         uptime_seconds=time.perf_counter() - bot.started_at,
         gpu_memory_bytes=device.get("gpu_memory_bytes"),  # type: ignore[arg-type]
         timings=executor.timings(),
     )
+
+
+async def current(bot: JanusBot) -> Status:
+    """The snapshot, with the queue of whatever runs the jobs: with EXECUTOR=redis, the GPU workers' queue in
+    Redis (the bot's own executor stays idle then)."""
+    queue_depth = getattr(bot.backend, "queue_depth", None)
+    return snapshot(bot, None if queue_depth is None else await queue_depth())
 
 
 def render(status: Status) -> str:

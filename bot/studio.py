@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bot.engine import AskRequest, ImagineRequest, JanusEngine, resolve_device
-from bot.errors import JobFailed
+from bot.errors import JobCancelled, JobFailed
 from bot.executor import Reporter
 from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
@@ -94,12 +94,19 @@ class Studio:
     def imagine_batch(self, requests: Sequence[ImagineRequest],
                       reports: Sequence[Reporter]) -> list[list[Image.Image] | BaseException]:
         """Draw and upscale several requests together. On GPU out-of-memory, retry each request alone once;
-        a request that still does not fit gets a clear error while the others are delivered."""
+        a request that still does not fit gets a clear error while the others are delivered. Any other failure
+        of a batch is retried the same way, so it reaches only the requests that cause it."""
         try:
             return list(self._imagine_and_upscale(requests, reports))
         except torch.OutOfMemoryError:
             free_gpu_memory()
             log.warning("Out of GPU memory on a batch of %d requests; retrying one by one", len(requests))
+        except JobCancelled:
+            raise  # every request of the batch was withdrawn
+        except Exception as error:
+            if len(requests) == 1:
+                raise
+            log.warning("A batch of %d requests failed (%r); retrying one by one", len(requests), error)
         results: list[list[Image.Image] | BaseException] = []
         for request, report in zip(requests, reports, strict=True):
             try:
@@ -107,6 +114,10 @@ class Studio:
             except torch.OutOfMemoryError:
                 free_gpu_memory()
                 results.append(JobFailed(OUT_OF_MEMORY))
+            except JobCancelled:
+                raise
+            except Exception as error:  # noqa: BLE001 - this request's own failure, for its requester alone
+                results.append(error)
         return results
 
     def _imagine_and_upscale(self, requests: Sequence[ImagineRequest],

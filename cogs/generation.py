@@ -17,12 +17,13 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.backends import Origin
-from bot.client import reply_privately
+from bot.client import acknowledge, reply_privately
 from bot.requests import ImagineRequest
+from bot.resumed import ResumedInteraction
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
-from bot.media import clean_text, image_files, quote, upload_limit
+from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
 from bot.store import Charge, Gallery
 
 if TYPE_CHECKING:
@@ -65,11 +66,17 @@ class Delivery:
                 log.warning("Follow-up failed (%s); posting in the channel instead", error)
         for file in files:
             file.reset()
-        mention = self.interaction.user.mention
-        return await self.interaction.channel.send(  # type: ignore[union-attr]
-            f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
-            allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
-        )
+        mention, channel = self.interaction.user.mention, self.interaction.channel
+        try:
+            return await channel.send(  # type: ignore[union-attr]
+                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
+                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+            )
+        except discord.Forbidden as error:  # say which permission to ask an admin for
+            missing = missing_permission(channel, files=bool(files))
+            log.warning("Could not post /imagine results in #%s of server %s: %s (missing: %s)", channel,
+                        self.interaction.guild_id, error, missing or "unknown")
+            raise UserFacingError(cannot_post(missing)) from None
 
 
 class Generation(commands.Cog):
@@ -115,22 +122,28 @@ class Generation(commands.Cog):
             await reply_privately(interaction, str(error))
             return
         try:
-            job = self.bot.backend.imagine(request, owner=interaction.user.id,
-                                           origin=Origin(interaction.guild_id or 0, interaction.channel_id or 0))
+            # With a remote backend the job outlives this process: a restarted bot keeps editing this response
+            # through the interaction's token, and refunds the charge if the job fails.
+            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                            interaction.token)
+            job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
         except UserFacingError as error:
             await self.bot.quota.refund(charge)
             await reply_privately(interaction, str(error))
             return
-        await interaction.response.defer(thinking=True)
+        await acknowledge(interaction)
         delivery = Delivery(interaction)
         try:
             images = await self.follow(job, request, delivery)
         except UserFacingError as error:
+            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+                return
             await self.bot.quota.refund(charge)
             await delivery.send(f"⚠️ {error}", [], None, first=True)
             return
         except BaseException:
-            await self.bot.quota.refund(charge)
+            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+                await self.bot.quota.refund(charge)
             raise
         await self.deliver(interaction, request, images, delivery, charge, note=getattr(job, "note", None))
 
@@ -184,29 +197,22 @@ class Generation(commands.Cog):
 
     async def deliver_reattached(self, job: Job[list[Image.Image]], request: ImagineRequest,
                                  origin: Origin) -> None:
-        """Deliver a job an earlier run of the bot was waiting for. Its interaction is gone, so the gallery (or
-        why there is none) goes to the channel it was asked in, mentioning whoever asked."""
-        channel = self.bot.get_partial_messageable(origin.channel_id, guild_id=origin.guild_id or None)
-        user = self.bot.get_user(job.owner or 0) or await self.bot.fetch_user(job.owner or 0)
-        allowed = discord.AllowedMentions(users=[user])
+        """Show and deliver a job an earlier run of the bot was waiting for, as `run` does: its status and
+        gallery go into the original response while the interaction's token lives, else to the channel it was
+        asked in, mentioning whoever asked. A job that fails is refunded."""
+        resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
+        delivery = Delivery(resumed, expired=resumed.expired)  # type: ignore[arg-type]
+        charge: Charge | None = getattr(job, "charge", None)
         try:
-            images = await job
+            images = await self.follow(job, request, delivery)
         except UserFacingError as error:
-            await channel.send(f"{user.mention} ⚠️ {error}", allowed_mentions=allowed)
+            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+                return
+            if charge is not None:
+                await self.bot.store.refund(charge)
+            await delivery.send(f"⚠️ {error}", [], None, first=True)
             return
-        gallery_id = await self.bot.store.save_gallery(
-            Gallery(guild_id=origin.guild_id, requester_id=user.id, prompt=request.prompt, count=request.count,
-                    guidance=request.guidance, temperature=request.temperature, seed=request.seed)
-        )
-        guild = self.bot.get_guild(origin.guild_id)
-        groups = await image_files(images, f"janus_{request.seed}", limit=upload_limit(guild))
-        caption = gallery_caption(request, user, images[0].size if images else (0, 0))
-        note = getattr(job, "note", None)
-        caption += f"\n-# {note}" if note else ""
-        for index, files in enumerate(groups):
-            part = f" ({index + 1}/{len(groups)})" if len(groups) > 1 else ""
-            view = GalleryView(gallery_id, len(files)) if index == 0 else discord.utils.MISSING
-            await channel.send(caption + part, files=files, view=view, allowed_mentions=allowed)
+        await self.deliver(resumed, request, images, delivery, charge, note=getattr(job, "note", None))  # type: ignore[arg-type]
 
     # ---- buttons ---------------------------------------------------------------------------------------
 

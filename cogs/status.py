@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.client import reply_privately
-from bot.status import render, snapshot
+from bot.status import current, render
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -25,7 +25,7 @@ class Status(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def status(self, interaction: discord.Interaction) -> None:
         """Show the model, queue, timings and GPU memory."""
-        await reply_privately(interaction, render(snapshot(self.bot)))
+        await reply_privately(interaction, render(await current(self.bot)))
 
 
 async def setup(bot: JanusBot) -> None:

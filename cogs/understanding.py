@@ -14,11 +14,12 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.client import SORRY, reply_privately
+from bot.client import SORRY, acknowledge, reply_privately
 from bot.requests import AskRequest, Turn
 from bot.errors import UserFacingError
 from bot.executor import Job
-from bot.media import check_attachment, clean_text, is_image, read_images, split_message
+from bot.media import (check_attachment, clean_text, is_image, missing_permission, read_images,
+                       split_message)
 from bot.store import Charge
 
 if TYPE_CHECKING:
@@ -158,10 +159,15 @@ class Understanding(commands.Cog):
     async def on_message(self, message: discord.Message) -> None:
         if not await self.is_for_me(message):
             return
+        if (missing := missing_permission(message.channel)) is not None:  # nowhere to answer: spend nothing
+            log.warning("Not answering %s in #%s of server %s: I lack the %s permission there", message.author,
+                        message.channel, message.guild and message.guild.id, missing)
+            return
         try:
             question, images, history = await self.read_conversation(message)
             charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
-                                                user=message.author, text=question)
+                                                user=message.author, text=question,
+                                                typed=self.strip_mention(message.content))  # not what it quotes
             await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
                               channel=message.channel, question=question, images=images, history=history)
         except UserFacingError as error:
@@ -275,7 +281,7 @@ class Understanding(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
-        await interaction.response.defer(thinking=True)
+        await acknowledge(interaction)
         try:
             images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
         except UserFacingError as error:  # unreadable once downloaded; a public "thinking" message can't turn private

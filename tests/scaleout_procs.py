@@ -3,7 +3,8 @@ on PYTHONPATH, settings from the environment):
 
 - `worker`: the real `bot.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
   in FAKE_STEPS steps through the same executor and batcher, reporting progress at each step, a preview halfway.
-  A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report.
+  A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report;
+  `fail me` makes the batch raise once drawn (the worker reports the job failed).
   Every request it starts is appended to FAKE_RUNS as `pid prompt`.
 - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one /imagine job with an origin through a
   RedisBackend, prints `queued JOB_ID`, then `progress JOB_ID` once the worker reports, and waits to be killed.
@@ -57,6 +58,8 @@ class FakeStudio:
             if any("kill me" in request.prompt for request in requests):
                 time.sleep(0.2)  # let the progress reach Redis first
                 os.kill(os.getpid(), signal.SIGKILL)
+        if any("fail me" in request.prompt for request in requests):
+            raise RuntimeError("the fake studio was asked to fail")
         return [[Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)) for i in range(r.count)]
                 for r in requests]
 

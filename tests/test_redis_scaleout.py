@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import discord
@@ -370,7 +372,103 @@ async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(sim
 
     await simcord_env.restart_bot(await make_redis_bot())  # its cog re-attaches while it starts
 
-    [message] = scene.bot_messages()
-    assert message.content.startswith(f"**{prompt}** — {scene.alice.mention}")
+    [message] = scene.bot_messages()  # no interaction token to edit its response with: in the channel, mentioning
+    assert message.content.startswith(f"{scene.alice.mention} **{prompt}** — {scene.alice.mention}")
     assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 5, 2)
     assert message.components  # Re-roll, Delete, Describe
+
+
+def original_edits(env, since: int = 0) -> list[dict]:
+    """JSON bodies of the bot's edits of interaction responses (PATCH .../messages/@original), from `since` on."""
+    return [e.json for e in env.http_requests[since:]
+            if e.method == "PATCH" and fnmatch(e.path, "/webhooks/*/messages/@original") and isinstance(e.json, dict)]
+
+
+async def start_imagine_then_go_away(env, scene, prompt: str, seen: str, **options) -> None:
+    """/imagine through the current bot until the status shows `seen`; then that bot goes away mid-job, as run_bot
+    leaves it at exit (its backend closed: the job is left to the workers and to the next run)."""
+    env.settle_timeout = 1.0  # the command returns (timing out) while its job runs on
+    with pytest.raises(TimeoutError):
+        await scene.alice.slash(scene.channel, "imagine", prompt=prompt, **options)
+    await until(lambda: any(seen in str(body.get("content")) for body in original_edits(env)), 15, f"'{seen}'")
+    await env.bot.backend.close()
+    env.settle_timeout = 30.0  # the restarted bot settles once it has delivered
+
+
+async def test_a_restarted_bot_keeps_editing_the_status_and_delivers_into_the_original_response(
+        simcord_env, procs, make_redis_bot, redis):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    prompt = "a lighthouse in fog slow:5"
+    await start_imagine_then_go_away(simcord_env, scene, prompt, "Drawing 2 image(s)", seed=9)
+    assert await redis.hlen(wire.AWAITING) == 1
+    [key] = await redis.keys(wire.reply_key("*"))
+    assert 0 < await redis.ttl(key) <= 15 * 60  # the token is kept no longer than it lives
+    since = len(simcord_env.http_requests)
+
+    await simcord_env.restart_bot(await make_redis_bot())  # re-attaches while it starts; settles once delivered
+
+    contents = [body.get("content") for body in original_edits(simcord_env, since)]
+    assert any(str(c).startswith("🎨 Drawing 2 image(s)") for c in contents[:-1]), contents  # status kept going
+    assert contents[-1].startswith(f"**{prompt}** — {scene.alice.mention}")  # the gallery, in the response
+    [message] = scene.bot_messages()  # the original response; nothing posted in the channel
+    assert message.content == contents[-1]
+    assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 9, 2)
+    assert message.components  # Re-roll, Delete, Describe
+    usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Generations: 1/20 used" in usage.response.content  # charged once, by the first run, not refunded
+    assert await redis.hlen(wire.AWAITING) == 0
+    await nothing_left(redis)
+
+
+async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(simcord_env, procs,
+                                                                                make_redis_bot, redis):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    await start_imagine_then_go_away(simcord_env, scene, "fail me slow:3", "Drawing 1 image(s)", count=1)
+    since = len(simcord_env.http_requests)
+
+    await simcord_env.restart_bot(await make_redis_bot())
+
+    [*_, last] = [body.get("content") for body in original_edits(simcord_env, since)]
+    assert last.startswith("⚠️ Sorry")  # told in the original response
+    usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Generations: 0/20 used" in usage.response.content  # refunded by the restarted bot
+    assert await redis.hlen(wire.AWAITING) == 0
+
+
+async def test_status_and_metrics_show_the_queue_in_redis(simcord_env, procs, settings, redis):
+    from prometheus_client.core import REGISTRY
+
+    from bot.metrics import serve_metrics
+
+    scene = open_scene(simcord_env)
+    managers = scene.guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
+    admin = scene.guild.add_member(simcord_env.create_user("carol"), roles=[managers])
+    async with RedisBackend.connect(settings) as elsewhere:  # another instance of the bot queues three jobs
+        jobs = [elsewhere.imagine(ImagineRequest(f"queued {i} slow:4", count=1), owner=i) for i in range(3)]
+        await until(lambda: all(job.entry_id for job in jobs), 10, "the jobs in Redis")
+
+        waiting = await admin.slash(scene.channel, "status")
+        await procs.worker(WORKER_SLOTS="1")
+        await until(lambda: sum(job.position == 0 for job in jobs) == 1, 15, "a worker to take one")
+        taken = await admin.slash(scene.channel, "status")
+        port = free_port()
+        collectors = len(list(REGISTRY._collector_to_names))
+        serve_metrics(simcord_env.bot, port)
+        try:
+            page = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        finally:
+            for collector in list(REGISTRY._collector_to_names)[collectors:]:
+                REGISTRY.unregister(collector)
+
+    assert "3 waiting, 0 running" in waiting.response.content
+    assert "2 waiting, 1 running" in taken.response.content
+    assert "janus_queue_waiting 2.0" in page and "janus_queue_running 1.0" in page
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
