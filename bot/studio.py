@@ -19,6 +19,7 @@ from bot.upscaler import Upscaler, UpscalerError
 log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
+OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
 
 
 class StartupError(Exception):
@@ -89,7 +90,7 @@ class Studio:
             return self.engine.ask(request, report)
         except torch.OutOfMemoryError:
             free_gpu_memory()
-            raise JobFailed(OUT_OF_MEMORY) from None
+            raise JobFailed(OUT_OF_MEMORY_ASKING) from None
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
                       reports: Sequence[Reporter]) -> list[list[Image.Image] | BaseException]:

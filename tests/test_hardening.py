@@ -45,7 +45,7 @@ from bot.executor import GpuExecutor, Progress
 from bot.logs import configure_logging
 from bot.settings import Settings
 from bot.store import UsageStore
-from bot.studio import OUT_OF_MEMORY, Studio
+from bot.studio import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, Studio
 from cogs.understanding import DESCRIBE
 
 TOKENS = 8  # answer length: the tiny model's answers only need to exist
@@ -419,7 +419,7 @@ async def test_out_of_memory_retries_alone_then_says_so(scene, studio):
     assert engine.batches == [1, 1]  # retried once
     assert told.response.content == f"⚠️ {OUT_OF_MEMORY}" and not told.response.attachments
     await scene.alice.send(scene.channel, f"{scene.mention} describe a huge mural")
-    assert scene.bot_messages()[-1].content == OUT_OF_MEMORY
+    assert scene.bot_messages()[-1].content == OUT_OF_MEMORY_ASKING
     assert drew(await scene.bob.slash(scene.channel, "imagine", prompt="a small fox", count=1), "a small fox")
     assert "Generations: 1/20 used" in await usage(scene, scene.alice)  # the failed one was not charged
 
