@@ -12,7 +12,6 @@ from bot.logs import configure_logging
 from bot.settings import SettingsError, load_settings
 
 
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
     commands = parser.add_subparsers(dest="command")

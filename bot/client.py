@@ -16,8 +16,8 @@ from discord.ext import commands
 from bot.backends import Backend, LocalBackend
 from bot.errors import UserFacingError
 from bot.executor import GpuExecutor, Reporter
-from bot.settings import Settings
 from bot.quota import Quota
+from bot.settings import Settings
 from bot.store import UsageStore
 
 log = logging.getLogger(__name__)

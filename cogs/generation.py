@@ -18,12 +18,12 @@ from PIL import Image
 
 from bot.backends import Origin
 from bot.client import acknowledge, reply_privately
-from bot.requests import ImagineRequest
-from bot.resumed import ResumedInteraction
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
+from bot.requests import ImagineRequest
+from bot.resumed import ResumedInteraction
 from bot.store import Charge, Gallery
 
 if TYPE_CHECKING:

@@ -15,11 +15,10 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.client import SORRY, acknowledge, reply_privately
-from bot.requests import AskRequest, Turn
 from bot.errors import UserFacingError
 from bot.executor import Job
-from bot.media import (check_attachment, clean_text, is_image, missing_permission, read_images,
-                       split_message)
+from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
+from bot.requests import AskRequest, Turn
 from bot.store import Charge
 
 if TYPE_CHECKING:
