@@ -44,7 +44,7 @@ class LocalBackend:
         self.studio = studio  # read when a job runs, so jobs may queue while the model is still loading
 
     def ask(self, request: AskRequest, *, owner: int) -> Job[str]:
-        return self.executor.submit(lambda report: self.studio().ask(request, report), kind="ask", owner=owner)
+        return self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
 
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
                 charge: Charge | None = None) -> Job[list[Image.Image]]:
@@ -55,6 +55,10 @@ class LocalBackend:
     def imagine_batch(self, requests: list[ImagineRequest], reports: list[Reporter]) -> list[Any]:
         """The batch runner (a bound method, so waiting requests batch together)."""
         return self.studio().imagine_batch(requests, reports)
+
+    def ask_batch(self, requests: list[AskRequest], reports: list[Reporter]) -> list[Any]:
+        """Questions waiting together are answered in one left-padded batch."""
+        return self.studio().ask_batch(requests, reports)
 
     def jobs_of(self, owner: int) -> int:
         return self.executor.jobs_of(owner)

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, DynamicCache, JanusForConditionalGeneration, StaticCache
+from transformers import (
+    AutoProcessor,
+    DynamicCache,
+    GenerationMixin,
+    JanusForConditionalGeneration,
+    StaticCache,
+)
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from bot.executor import Progress, Reporter
@@ -54,11 +61,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class _TextReporter(BaseStreamer):
-    """Feeds the answer decoded so far to a reporter, at most every `interval` seconds."""
+    """Feeds each row's answer decoded so far to its reporter, at most every `interval` seconds."""
 
-    def __init__(self, decode: Callable[[list[int]], str], report: Reporter, total: int, interval: float) -> None:
-        self.decode, self.report, self.total, self.interval = decode, report, total, interval
-        self.tokens: list[int] = []
+    def __init__(self, decode: Callable[[list[int]], str], reports: Sequence[Reporter], total: int,
+                 interval: float, eos: int | None) -> None:
+        self.decode, self.reports, self.total, self.interval, self.eos = decode, reports, total, interval, eos
+        self.tokens: list[list[int]] = [[] for _ in reports]
+        self.finished = [False] * len(reports)
         self.prompt_seen = False
         self.last = 0.0
 
@@ -66,14 +75,45 @@ class _TextReporter(BaseStreamer):
         if not self.prompt_seen:  # generate() first hands over the prompt itself
             self.prompt_seen = True
             return
-        self.tokens.extend(value.reshape(-1).tolist())
+        for row, token in enumerate(value.reshape(len(self.reports), -1)[:, -1].tolist()):
+            if not self.finished[row]:  # finished rows are padded; keep only what the row itself said
+                self.tokens[row].append(token)
+                self.finished[row] = token == self.eos
         now = time.perf_counter()
         if now - self.last >= self.interval:
             self.last = now
-            self.report(Progress(len(self.tokens), self.total, self.decode(self.tokens)))
+            self.end()
 
     def end(self) -> None:
-        self.report(Progress(len(self.tokens), self.total, self.decode(self.tokens)))
+        for tokens, report in zip(self.tokens, self.reports, strict=True):
+            report(Progress(len(tokens), self.total, self.decode(tokens)))
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples every row with its own seed, temperature and top-p (inverse CDF over its own random numbers),
+    then hands generate() a one-hot choice to take greedily: questions answered together in one batch get the
+    answers they would get alone."""
+
+    def __init__(self, requests: Sequence[AskRequest]) -> None:
+        self.requests = requests
+        self.generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = []
+        for row, (request, generator) in enumerate(zip(self.requests, self.generators, strict=True)):
+            logits = scores[row].float()  # [V]
+            uniform = torch.rand((), generator=generator).item()  # drawn every step, greedy or not
+            if request.temperature <= 0:
+                chosen.append(int(logits.argmax()))
+                continue
+            probs, order = torch.softmax(logits / request.temperature, dim=-1).sort(descending=True)
+            kept = probs.cumsum(-1) - probs < request.top_p  # nucleus: the smallest set reaching top_p
+            cdf = (probs * kept).cumsum(-1)
+            index = int(torch.searchsorted(cdf, uniform * cdf[-1:]).clamp(max=len(cdf) - 1))
+            chosen.append(int(order[index]))
+        picked = torch.full_like(scores, float("-inf"))
+        picked[torch.arange(len(chosen)), torch.tensor(chosen)] = 0.0
+        return picked
 
 
 class JanusEngine:
@@ -128,26 +168,34 @@ class JanusEngine:
             images.extend(to_rgb(image) for image in turn.images)
         return messages, images
 
-    @torch.inference_mode()
     def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
         """The model's answer to a question about images (and earlier turns); only the new tokens."""
-        messages, images = self._conversation(request)
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=prompt, images=images or None, generation_mode="text", return_tensors="pt")
+        return self.ask_batch([request], [report] if report else [])[0]
+
+    @torch.inference_mode()
+    def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter] = ()) -> list[str]:
+        """Answer several questions in one left-padded batch; each gets the answer it would get alone."""
+        prompts, images = [], []
+        for request in requests:
+            messages, pictures = self._conversation(request)
+            prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+            images.extend(pictures)
+        inputs = self.processor(text=prompts, images=images or None, generation_mode="text", padding=True,
+                                return_tensors="pt")
         inputs = inputs.to(self.device, dtype=self.dtype) if images else inputs.to(self.device)
-        torch.manual_seed(request.seed)  # the GPU thread owns the global RNG, so this is per request
-        sampling = (
-            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
-            if request.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        streamer = (
-            _TextReporter(self._decode_answer, report, request.max_new_tokens, interval=0.25) if report else None
-        )
-        output = self.model.generate(
-            **inputs, max_new_tokens=request.max_new_tokens, streamer=streamer,
-            pad_token_id=self.pad_id, **sampling,
-        )
-        return self._decode_answer(output[0, inputs["input_ids"].shape[1]:].tolist())
+        longest = max(r.max_new_tokens for r in requests)
+        eos = self.model.generation_config.eos_token_id
+        streamer = _TextReporter(self._decode_answer, reports, longest, 0.25, eos) if reports else None
+        # Janus's own generate() drops `logits_processor` in text mode; its text mode is exactly the
+        # generic GenerationMixin.generate without guidance, so call that directly.
+        output = GenerationMixin.generate(
+            self.model, **inputs, max_new_tokens=longest, streamer=streamer, pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([_RowSampler(requests)]), guidance_scale=None,
+            do_sample=False, temperature=None, top_p=None, top_k=None,
+        )  # [B, L + new]
+        prompt_length = inputs["input_ids"].shape[1]
+        return [self._decode_answer(row[prompt_length: prompt_length + r.max_new_tokens].tolist())
+                for row, r in zip(output, requests, strict=True)]
 
     def _decode_answer(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -17,6 +18,9 @@ from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
 OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
@@ -86,19 +90,27 @@ class Studio:
         return self.engine.image_size * (self.upscaler.scale if self.upscaler else 1)
 
     def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
-        try:
-            return self.engine.ask(request, report)
-        except torch.OutOfMemoryError:
-            free_gpu_memory()
-            raise JobFailed(OUT_OF_MEMORY_ASKING) from None
+        result = self.ask_batch([request], [report] if report else [])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter]) -> list[str | BaseException]:
+        """Answer several questions together (see `_in_batch_or_alone` for failures)."""
+        return self._in_batch_or_alone(self.engine.ask_batch, requests, reports, OUT_OF_MEMORY_ASKING)
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
                       reports: Sequence[Reporter]) -> list[list[Image.Image] | BaseException]:
-        """Draw and upscale several requests together. On GPU out-of-memory, retry each request alone once;
-        a request that still does not fit gets a clear error while the others are delivered. Any other failure
-        of a batch is retried the same way, so it reaches only the requests that cause it."""
+        """Draw and upscale several requests together (see `_in_batch_or_alone` for failures)."""
+        return self._in_batch_or_alone(self._imagine_and_upscale, requests, reports, OUT_OF_MEMORY)
+
+    def _in_batch_or_alone(self, run: Callable[[Sequence[R], Sequence[Reporter]], list[T]], requests: Sequence[R],
+                           reports: Sequence[Reporter], out_of_memory: str) -> list[T | BaseException]:
+        """Run requests as one batch. On GPU out-of-memory, retry each request alone once; a request that still
+        does not fit gets a clear error while the others are delivered. Any other failure of a batch is retried
+        the same way, so it reaches only the requests that cause it."""
         try:
-            return list(self._imagine_and_upscale(requests, reports))
+            return list(run(requests, reports))
         except torch.OutOfMemoryError:
             free_gpu_memory()
             log.warning("Out of GPU memory on a batch of %d requests; retrying one by one", len(requests))
@@ -108,13 +120,13 @@ class Studio:
             if len(requests) == 1:
                 raise
             log.warning("A batch of %d requests failed (%r); retrying one by one", len(requests), error)
-        results: list[list[Image.Image] | BaseException] = []
-        for request, report in zip(requests, reports, strict=True):
+        results: list[T | BaseException] = []
+        for index, request in enumerate(requests):
             try:
-                results.extend(self._imagine_and_upscale([request], [report]))
+                results.extend(run([request], reports[index:index + 1]))
             except torch.OutOfMemoryError:
                 free_gpu_memory()
-                results.append(JobFailed(OUT_OF_MEMORY))
+                results.append(JobFailed(out_of_memory))
             except JobCancelled:
                 raise
             except Exception as error:  # noqa: BLE001 - this request's own failure, for its requester alone

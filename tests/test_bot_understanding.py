@@ -10,6 +10,7 @@ stand-in for the model's `ask` echoes its inputs or scripts its output; the cogs
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import sys
@@ -26,6 +27,7 @@ from bot.media import MESSAGE_LIMIT
 from cogs import understanding
 
 SEED = 0
+TEMPERATURE = 1.0
 TOKENS = 16  # answer length in tokens: enough for the tiny model's answers to differ, and fast
 CURSOR = understanding.TYPING_CURSOR
 
@@ -42,9 +44,12 @@ def scene(simcord_env) -> Scene:
 
 @pytest.fixture
 def fixed_seed(simcord_env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every question is sampled with SEED, so its answer can be reproduced with the model directly."""
+    """Every question is sampled with SEED at TEMPERATURE, so its answer can be reproduced with the model directly
+    (at the demo's 0.1 the tiny random model says nearly the same whatever it is shown)."""
     # load_extension executes the cog's module afresh for each bot: patch the module the running bot uses.
-    monkeypatch.setattr(sys.modules["cogs.understanding"], "random", SimpleNamespace(randrange=lambda _n: SEED))
+    cog = sys.modules["cogs.understanding"]
+    monkeypatch.setattr(cog, "random", SimpleNamespace(randrange=lambda _n: SEED))
+    monkeypatch.setattr(cog, "AskRequest", functools.partial(AskRequest, temperature=TEMPERATURE))
 
 
 @pytest.fixture
@@ -60,7 +65,8 @@ def rgb(data: bytes) -> Image.Image:
 
 def model_answer(studio, question: str, images=(), history=()) -> str:
     """What the model itself answers with the cog's pinned seed and answer length."""
-    return studio.ask(AskRequest(question, tuple(images), tuple(history), seed=SEED, max_new_tokens=TOKENS))
+    return studio.ask(AskRequest(question, tuple(images), tuple(history), seed=SEED, max_new_tokens=TOKENS,
+                                 temperature=TEMPERATURE))
 
 
 class ScriptedModel:
@@ -72,6 +78,9 @@ class ScriptedModel:
 
     def __init__(self, real, answer: str, steps: int = 0, shown=None, wait: float = 10.0) -> None:
         self.real, self.answer, self.steps, self.shown, self.wait = real, answer, steps, shown, wait
+
+    def ask_batch(self, requests, reports):  # the bot batches questions; this stand-in answers each alone
+        return [self.ask(request, report) for request, report in zip(requests, reports, strict=True)]
 
     def ask(self, request: AskRequest, report=None) -> str:
         for step in range(1, self.steps + 1):
@@ -93,6 +102,9 @@ class EchoModel:
 
     def __init__(self, real) -> None:
         self.real = real
+
+    def ask_batch(self, requests, reports):  # the bot batches questions; this stand-in answers each alone
+        return [self.ask(request, report) for request, report in zip(requests, reports, strict=True)]
 
     def ask(self, request: AskRequest, report=None) -> str:
         def said(text: str, images) -> str:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import IMAGE_SIZE, NUM_IMAGE_TOKENS
+from transformers import GenerationMixin
 
 from bot.engine import AskRequest, ImageBatch, ImagineRequest, JanusEngine, Turn
 from bot.executor import Progress
@@ -56,16 +57,17 @@ def photo(width: int = 80, height: int = 50, seed: int = 0) -> Image.Image:
 
 
 def spy_generate(monkeypatch: pytest.MonkeyPatch, engine: JanusEngine) -> list[dict[str, Any]]:
-    """Record what `model.generate` is given and returns, while still running it."""
+    """Record what text generation (transformers' GenerationMixin.generate) is given and returns, still running it."""
     calls: list[dict[str, Any]] = []
-    original = engine.model.generate
+    original = GenerationMixin.generate
 
-    def generate(**kwargs: Any) -> torch.Tensor:
-        output = original(**kwargs)
-        calls.append({"inputs": kwargs, "output": output})
+    def generate(model: Any, **kwargs: Any) -> torch.Tensor:
+        output = original(model, **kwargs)
+        if model is engine.model:
+            calls.append({"inputs": kwargs, "output": output})
         return output
 
-    monkeypatch.setattr(engine.model, "generate", generate)
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
     return calls
 
 
@@ -344,3 +346,58 @@ def test_the_answer_streams_to_the_reporter(engine: JanusEngine) -> None:
     assert {p.total for p in heard} == {32}
     dones = [p.done for p in heard]
     assert dones == sorted(dones) and 0 < dones[0] < dones[-1] <= 32
+
+
+# ---- questions answered together ---------------------------------------------------------------------------
+
+
+QUESTIONS = [
+    AskRequest("What is this?", (photo(),), seed=1, temperature=1.0, max_new_tokens=12),
+    AskRequest("Tell me a long story about a castle on a hill at dawn", (), seed=2, temperature=0.7,
+               max_new_tokens=12),
+    AskRequest("Compare these two", (photo(seed=1), photo(30, 60, seed=2)), seed=3, temperature=0,
+               max_new_tokens=12),
+    AskRequest("and now?", (), history=(Turn("user", "hi", (photo(),)), Turn("assistant", "hello")), seed=4,
+               temperature=1.0, top_p=0.5, max_new_tokens=8),
+]
+
+
+def test_questions_batched_together_get_the_answers_they_get_alone(engine: JanusEngine) -> None:
+    """Left-padded together, with their own seeds, temperatures, top-p, images, histories and lengths."""
+    alone = [engine.ask(question) for question in QUESTIONS]
+    assert len(set(alone)) == len(alone)  # the questions really differ, so equality below means something
+    assert engine.ask_batch(QUESTIONS) == alone
+    assert engine.ask_batch(QUESTIONS[::-1]) == alone[::-1]
+
+
+def test_batched_questions_stream_each_its_own_answer(engine: JanusEngine) -> None:
+    seen: list[list[Progress]] = [[], []]
+    answers = engine.ask_batch(QUESTIONS[:2], [seen[0].append, seen[1].append])
+    for progress, answer in zip(seen, answers, strict=True):
+        assert progress and progress[-1].preview == answer
+
+
+async def test_questions_waiting_together_are_answered_in_one_batch(studio) -> None:
+    """The backend batches questions that wait in the queue at the same time, each keeping its answer."""
+    import threading
+
+    from bot.backends import LocalBackend
+    from bot.executor import GpuExecutor
+
+    batches: list[int] = []
+
+    class Counting:
+        def ask_batch(self, requests, reports):  # the real studio, counting batch sizes
+            batches.append(len(requests))
+            return studio.ask_batch(requests, reports)
+
+    gate = threading.Event()
+    async with GpuExecutor(8) as executor:
+        backend = LocalBackend(executor, Counting)
+        held = executor.submit(lambda _report: gate.wait(5))  # hold the GPU while three questions queue
+        jobs = [backend.ask(question, owner=i) for i, question in enumerate(QUESTIONS[:3])]
+        gate.set()
+        await held
+        answers = [await job for job in jobs]
+    assert batches == [3]
+    assert answers == [studio.ask(question) for question in QUESTIONS[:3]]
