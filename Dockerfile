@@ -1,5 +1,5 @@
 # janus-bot on a CUDA-enabled PyTorch base. Build: docker build -t janus-bot .
-# Run:   docker run --gpus all --env-file .env -v hf-cache:/cache/huggingface -v ./weights:/app/weights \
+# Run:   docker run --gpus all --stop-timeout 90 --env-file .env -v hf-cache:/cache/huggingface -v ./weights:/app/weights \
 #          -v ./data:/app/data janus-bot
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
