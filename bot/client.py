@@ -122,6 +122,9 @@ class JanusBot(commands.AutoShardedBot):
         log.info("Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
                  grace, max(self.executor.depth - len(self.executor.running), 0))
         started = time.perf_counter()
+        stop_remote = getattr(self.backend, "stop_accepting", None)  # GPU workers elsewhere (EXECUTOR=redis)
+        if stop_remote is not None:
+            stop_remote()
         await self.executor.close(grace=grace)
         serving = self.quota.in_flight - {asyncio.current_task()}
         if serving:  # results still being delivered and members being told need the connection and the store

@@ -92,6 +92,7 @@ class RedisBackend:
         self.ttl = settings.result_ttl_seconds
         self.jobs: dict[str, RedisJob[Any]] = {}  # followed jobs by id
         self.closing = False
+        self.accepting = True  # False once the bot is shutting down: new requests are refused
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -114,6 +115,10 @@ class RedisBackend:
             yield backend
         finally:
             await backend.close()
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (shutdown); the jobs already queued go on."""
+        self.accepting = False
 
     async def close(self) -> None:
         """Stop following jobs without withdrawing them: workers finish them, and the next run re-attaches."""
@@ -155,7 +160,7 @@ class RedisBackend:
     # ---- submitting and withdrawing ------------------------------------------------------------------------
 
     def _submit(self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None) -> RedisJob[Any]:
-        if self.closing:
+        if self.closing or not self.accepting:
             raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
         waiting = sum(1 for job in self.jobs.values() if job.position)
         if waiting >= self.settings.queue_size:

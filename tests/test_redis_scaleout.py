@@ -27,7 +27,7 @@ from scene import decode, open_scene
 from bot import redis_wire as wire
 from bot.backends import Origin
 from bot.client import JanusBot
-from bot.errors import JobCancelled
+from bot.errors import JobCancelled, QueueFull
 from bot.executor import GpuExecutor
 from bot.redis_backend import RESTARTED_NOTE, RedisBackend
 from bot.requests import AskRequest, ImagineRequest, Turn
@@ -472,3 +472,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+async def test_a_shutting_down_bot_takes_no_new_requests_but_its_queued_ones_go_on(procs, backend, redis):
+    queued = backend.imagine(ImagineRequest("already asked", count=1), owner=7)
+    await until(lambda: queued.position == 1, 10, "the job is queued in Redis")
+
+    backend.stop_accepting()  # what JanusBot.shutdown does first
+    with pytest.raises(QueueFull, match="not taking new requests"):
+        backend.imagine(ImagineRequest("too late", count=1), owner=8)
+    await procs.worker()
+
+    assert len(await asyncio.wait_for(queued, 20)) == 1
+    assert [prompt for _pid, prompt in procs.runs()] == ["already asked"]
+    await nothing_left(redis)
