@@ -2,8 +2,9 @@
 each job's event stream comes back as the `Job` surface the cogs know from the local executor (changed,
 progress, position, done, cancel, await).
 
-A request made with an `Origin` is also written to `janus:bot:awaiting` until its outcome is handed over. A bot
-that was restarted mid-job re-attaches to those jobs (`reattach`) and hands each outcome to a delivery hook.
+A request made with an `Origin` (a gallery or a question) is also written to `janus:bot:awaiting` until its
+outcome is handed over. A bot that was restarted mid-job re-attaches to those jobs (`reattach`, once per kind)
+and hands each outcome to that kind's delivery hook.
 Whoever removes a job from that hash (HDEL returns 1) delivers it, so each job reaches its member at most once;
 its durable event stream keeps the outcome meanwhile. The record also keeps the request's charge, so that a
 re-attached job that fails is refunded; the interaction's token, with which the restarted bot keeps editing the
@@ -48,7 +49,8 @@ UNREACHABLE_AFTER_SECONDS = 60.0
 RESTARTED_NOTE = "A GPU worker stopped while working on this, so another one started it over."
 TOKEN_SECONDS = 15 * 60  # an interaction token's life: no use keeping it longer
 
-Deliver = Callable[["RedisJob[list[Image.Image]]", ImagineRequest, Origin], Coroutine[Any, Any, None]]
+# (job, request, origin): an "imagine" job comes with its ImagineRequest, an "ask" job with its AskRequest
+Deliver = Callable[["RedisJob[Any]", Any, Origin], Coroutine[Any, Any, None]]
 
 
 class RedisJob(Job[T]):
@@ -135,8 +137,11 @@ class RedisBackend:
 
     # ---- the Backend protocol ------------------------------------------------------------------------------
 
-    def ask(self, request: AskRequest, *, owner: int) -> RedisJob[str]:
-        return self._submit(request, owner=owner, weight=1, origin=None)
+    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
+            charge: Charge | None = None) -> RedisJob[str]:
+        job = self._submit(request, owner=owner, weight=1, origin=origin)
+        job.charge = charge  # written with the awaiting record, for a restarted bot to refund
+        return job
 
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
                 charge: Charge | None = None) -> RedisJob[list[Image.Image]]:
@@ -197,8 +202,9 @@ class RedisBackend:
                 pipe.set(wire.input_key(job.id, index), blob, ex=self.ttl)
             if job.origin is not None:
                 pipe.hset(wire.AWAITING, job.id, json.dumps({
-                    "owner": str(job.owner), "guild": str(job.origin.guild_id),
-                    "channel": str(job.origin.channel_id), "request": payload,
+                    "kind": kind, "owner": str(job.owner), "guild": str(job.origin.guild_id),
+                    "channel": str(job.origin.channel_id), "message": str(job.origin.message_id),
+                    "request": payload,
                     "charge": None if job.charge is None else charge_fields(job.charge),
                 }))
                 if job.origin.token:
@@ -354,11 +360,12 @@ class RedisBackend:
 
     # ---- after a restart -----------------------------------------------------------------------------------
 
-    async def reattach(self, deliver: Deliver) -> int:
-        """Follow again the jobs an earlier run of the bot was awaiting. `deliver(job, request, origin)` is called
-        at once for each, to show the job's progress and then deliver it; the origin has the interaction's token
-        while it lives, and `job.charge` is the request's charge. A job another process claimed first ends with
-        JobCancelled and `job.elsewhere` set: it is not this one's to deliver. Returns how many were picked up."""
+    async def reattach(self, deliver: Deliver, kind: str = "imagine") -> int:
+        """Follow again the jobs of `kind` ("imagine" or "ask") an earlier run of the bot was awaiting.
+        `deliver(job, request, origin)` is called at once for each, to show the job's progress and then deliver
+        it; the origin has the interaction's token while it lives (and a question's message id), and `job.charge`
+        is the request's charge. A job another process claimed first ends with JobCancelled and `job.elsewhere`
+        set: it is not this one's to deliver. Returns how many were picked up."""
         awaiting = await self.redis.hgetall(wire.AWAITING)
         entries = await self.redis.xrange(wire.JOBS)  # short: an entry is deleted as its job ends
         queued = {wire.field(fields, "job"): entry_id.decode() for entry_id, fields in entries}
@@ -368,13 +375,15 @@ class RedisBackend:
             if job_id in self.jobs:
                 continue
             meta = json.loads(raw_meta)
-            request = wire.decode_request("imagine", meta["request"], [])
-            assert isinstance(request, ImagineRequest)
+            if meta.get("kind", "imagine") != kind:  # records from before asks re-attached are galleries
+                continue
+            request = await self._load_request(job_id, kind, meta["request"])
             reply = json.loads(await self.redis.get(wire.reply_key(job_id)) or "{}")  # gone once the token is
-            job: RedisJob[list[Image.Image]] = RedisJob(
-                self, job_id=job_id, kind="imagine", owner=int(meta["owner"]), weight=request.count,
+            job: RedisJob[Any] = RedisJob(
+                self, job_id=job_id, kind=kind, owner=int(meta["owner"]),
+                weight=request.count if isinstance(request, ImagineRequest) else 1,
                 origin=Origin(int(meta["guild"]), int(meta["channel"]), int(reply.get("application", 0)),
-                              reply.get("token", "")))
+                              reply.get("token", ""), int(meta.get("message", 0))))
             job.entry_id = queued.get(job_id, "0-1")  # not queued any more: ran or is running (or was lost)
             job.charge = charge_from(meta["charge"]) if meta.get("charge") else None
             self.jobs[job_id] = job
@@ -382,8 +391,16 @@ class RedisBackend:
             self._spawn(deliver(job, request, job.origin), f"deliver-{job_id}")  # type: ignore[arg-type]
             picked += 1
         if picked:
-            log.info("Re-attached to %d job(s) an earlier run was waiting for", picked)
+            log.info("Re-attached to %d %s job(s) an earlier run was waiting for", picked, kind)
         return picked
+
+    async def _load_request(self, job_id: str, kind: str, payload: str) -> wire.Request:
+        """The request as queued, a question's images read back from their keys as a worker reads them (those
+        that expired meanwhile are left out: its outcome, if any, is in the job's events)."""
+        count = wire.input_count(payload) if kind == "ask" else 0
+        blobs = await self.redis.mget([wire.input_key(job_id, index) for index in range(count)]) if count else []
+        images = await asyncio.to_thread(lambda: [wire.unpng(blob) if blob else None for blob in blobs])
+        return wire.decode_request(kind, payload, images)
 
     # ---- tasks ---------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -144,13 +145,14 @@ def encode_request(request: Request) -> tuple[str, str, list[Image.Image]]:
     return "ask", json.dumps(data), images
 
 
-def decode_request(kind: str, payload: str, images: list[Image.Image]) -> Request:
+def decode_request(kind: str, payload: str, images: Sequence[Image.Image | None]) -> Request:
+    """The request `encode_request` wrote, given its images in order (None for one that is gone: left out)."""
     data: dict[str, Any] = json.loads(payload)
     if kind == "imagine":
         return ImagineRequest(**data)
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
-        return tuple(images[i] for i in indices)
+        return tuple(image for i in indices if (image := images[i]) is not None)
 
     history = tuple(Turn(t["role"], t["text"], pick(t["images"])) for t in data.pop("history"))
     return AskRequest(images=pick(data.pop("images")), history=history, **data)

@@ -14,11 +14,13 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
+from bot.backends import Origin
 from bot.client import SORRY, acknowledge, reply_privately
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
 from bot.requests import AskRequest, Turn
+from bot.resumed import ResumedInteraction
 from bot.store import Charge
 
 if TYPE_CHECKING:
@@ -91,7 +93,7 @@ class InteractionOutput:
     async def show(self, text: str) -> None:
         try:
             await self.interaction.edit_original_response(content=text)
-        except discord.HTTPException as error:
+        except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
             log.debug("Streaming update failed: %s", error)
 
     async def finish(self, chunks: list[str]) -> None:
@@ -102,7 +104,7 @@ class InteractionOutput:
             for chunk in chunks[1:]:
                 await self.interaction.followup.send(chunk)
                 sent += 1
-        except discord.HTTPException:  # the token expired (15 min) or Discord failed: post in the channel
+        except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
             channel = self.interaction.channel
             mention = self.interaction.user.mention
             for chunk in chunks[sent:]:
@@ -118,6 +120,11 @@ class Understanding(commands.Cog):
         self.ask_menu = app_commands.ContextMenu(name="Ask Janus", callback=self.ask_about_message)
         bot.tree.add_command(self.ask_menu)
 
+    async def cog_load(self) -> None:
+        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
+        if reattach is not None:
+            await reattach(self.deliver_reattached, kind="ask")
+
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.ask_menu.name, type=self.ask_menu.type)
 
@@ -125,17 +132,26 @@ class Understanding(commands.Cog):
 
     async def answer(self, output: AnswerOutput, charge: Charge, *, user: discord.abc.User,
                      guild: discord.Guild | None, channel: discord.abc.Messageable, question: str,
-                     images: list[Image.Image], history: list[Turn] | None = None) -> None:
+                     images: list[Image.Image], history: list[Turn] | None = None,
+                     origin: Origin | None = None) -> None:
         """Queue, stream and deliver one admitted answer. A request that fails is refunded and the
-        UserFacingError (or unexpected error) goes to the caller."""
+        UserFacingError (or unexpected error) goes to the caller. With a remote backend the job outlives this
+        process: a restarted bot answers it at `origin` (see `deliver_reattached`), and refunds it if it fails."""
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
-        try:
-            job = self.bot.backend.ask(request, owner=user.id)  # queued before any await: see Quota.admit
+        job = None
+        try:  # queued before any await: see Quota.admit
+            job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
             async with output.working():
                 answer = await self.stream(job, output)
-        except BaseException:
+        except UserFacingError:
+            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+                return
             await self.bot.quota.refund(charge)
+            raise
+        except BaseException:
+            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+                await self.bot.quota.refund(charge)
             raise
         await output.finish(split_message(answer) or [NO_ANSWER])
         await self.bot.quota.report("ask", guild=guild, channel=channel, user=user, text=question, answer=answer)
@@ -152,6 +168,33 @@ class Understanding(commands.Cog):
                 await output.show(split_message(partial)[-1][:1990] + TYPING_CURSOR)
         return await job
 
+    # ---- questions that outlived a restart of the bot (EXECUTOR=redis) --------------------------------
+
+    async def deliver_reattached(self, job: Job[str], request: AskRequest, origin: Origin) -> None:
+        """Stream and deliver a question an earlier run of the bot was answering, as `answer` does: in a reply
+        to the member's message, or into the original interaction response while its token lives; else in the
+        channel it was asked in, mentioning whoever asked. A question that fails is refunded and told."""
+        resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
+        output: AnswerOutput = InteractionOutput(resumed)  # type: ignore[arg-type]
+        if origin.message_id:
+            try:
+                output = ReplyOutput(await resumed.channel.fetch_message(origin.message_id))
+            except discord.HTTPException as error:  # deleted meanwhile, or unreadable: the channel will do
+                log.info("Cannot reply to message %s any more: %s", origin.message_id, error)
+        charge: Charge | None = getattr(job, "charge", None)
+        try:
+            answer = await self.stream(job, output)
+        except UserFacingError as error:
+            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+                return
+            if charge is not None:
+                await self.bot.store.refund(charge)
+            await output.finish([str(error)])
+            return
+        await output.finish(split_message(answer) or [NO_ANSWER])
+        await self.bot.quota.report("ask", guild=resumed.guild, channel=resumed.channel, user=resumed.user,
+                                    text=request.question, answer=answer)
+
     # ---- mentions and replies --------------------------------------------------------------------------
 
     @commands.Cog.listener()
@@ -167,8 +210,10 @@ class Understanding(commands.Cog):
             charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
                                                 user=message.author, text=question,
                                                 typed=self.strip_mention(message.content))  # not what it quotes
+            origin = Origin(message.guild.id if message.guild else 0, message.channel.id, message_id=message.id)
             await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
-                              channel=message.channel, question=question, images=images, history=history)
+                              channel=message.channel, question=question, images=images, history=history,
+                              origin=origin)
         except UserFacingError as error:
             await self.tell(message, str(error))
         except Exception:  # the member must hear back even when something unexpected broke
@@ -287,10 +332,12 @@ class Understanding(commands.Cog):
             await self.bot.quota.refund(charge)
             await InteractionOutput(interaction).finish([str(error)])
             return
+        origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                        interaction.token)
         try:
             await self.answer(InteractionOutput(interaction), charge, user=interaction.user,
                               guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                              question=question, images=images)
+                              question=question, images=images, origin=origin)
         except UserFacingError as error:
             await InteractionOutput(interaction).finish([str(error)])
 

@@ -4,7 +4,8 @@ on PYTHONPATH, settings from the environment):
 - `worker`: the real `bot.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
   in FAKE_STEPS steps through the same executor and batcher, reporting progress at each step, a preview halfway.
   A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report;
-  `fail me` makes the batch raise once drawn (the worker reports the job failed).
+  `fail me` makes the batch raise once drawn (the worker reports the job failed). Questions are answered with
+  their images' sizes, half of the answer reported first; `slow:S` and `fail me` work in them too.
   Every request it starts is appended to FAKE_RUNS as `pid prompt`.
 - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one /imagine job with an origin through a
   RedisBackend, prints `queued JOB_ID`, then `progress JOB_ID` once the worker reports, and waits to be killed.
@@ -69,7 +70,10 @@ class FakeStudio:
         answer = f"{len(request.images)} image(s): {sizes}"
         if report:
             report(Progress(1, 2, answer[: len(answer) // 2]))
-            time.sleep(0.2)  # the rest of the answer
+            slow = re.search(r"slow:([\d.]+)", request.question)
+            time.sleep(float(slow[1]) if slow else 0.2)  # the rest of the answer
+        if "fail me" in request.question:
+            raise RuntimeError("the fake studio was asked to fail")
         return answer
 
     @staticmethod

@@ -437,6 +437,53 @@ async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(
     assert await redis.hlen(wire.AWAITING) == 0
 
 
+async def ask_then_go_away(env, scene, text: str, **options) -> discord.Message:
+    """Alice mentions the bot with a question; once the answer starts streaming into a reply, that bot goes away
+    mid-job as run_bot leaves it at exit. Returns her message."""
+    env.settle_timeout = 1.0  # her message is handled (timing out) while its job runs on
+    with pytest.raises(TimeoutError):
+        await scene.alice.send(scene.channel, f"{scene.mention} {text}", **options)
+    await until(lambda: scene.bot_messages(), 15, "the answer to start streaming")
+    await env.bot.backend.close()
+    env.settle_timeout = 30.0  # the restarted bot settles once it has answered
+    [question] = [m for m in scene.channel.history() if m.author.id == scene.alice.id]
+    return question
+
+
+async def test_a_restarted_bot_answers_a_question_it_was_waiting_for_in_a_reply(simcord_env, procs,
+                                                                                make_redis_bot, redis, png_bytes):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    question = await ask_then_go_away(simcord_env, scene, "what is this? slow:3",
+                                      attachments=[("p.png", png_bytes((80, 50)))])
+    assert await redis.hlen(wire.AWAITING) == 1
+
+    await simcord_env.restart_bot(await make_redis_bot())  # its understanding cog re-attaches while it starts
+
+    answers = [m for m in scene.bot_messages() if m.content == "1 image(s): 80x50"]  # the image, read back
+    assert len(answers) == 1  # exactly once
+    assert answers[0].reference is not None and answers[0].reference.message_id == question.id
+    usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Questions: 1/50 used" in usage.response.content  # charged once, by the first run, not refunded
+    assert await redis.hlen(wire.AWAITING) == 0
+    await nothing_left(redis)
+
+
+async def test_a_reattached_question_that_fails_is_refunded_and_told_in_a_reply(simcord_env, procs,
+                                                                                make_redis_bot, redis):
+    scene = open_scene(simcord_env)
+    await procs.worker()
+    question = await ask_then_go_away(simcord_env, scene, "fail me slow:2")
+
+    await simcord_env.restart_bot(await make_redis_bot())
+
+    [told] = [m for m in scene.bot_messages() if m.content.startswith("Sorry")]
+    assert told.reference is not None and told.reference.message_id == question.id
+    usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Questions: 0/50 used" in usage.response.content  # refunded by the restarted bot
+    assert await redis.hlen(wire.AWAITING) == 0
+
+
 async def test_status_and_metrics_show_the_queue_in_redis(simcord_env, procs, settings, redis):
     from prometheus_client.core import REGISTRY
 
