@@ -6,11 +6,13 @@ import asyncio
 import re
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from bot.engine import AskRequest, ImagineRequest
+from bot.errors import BadAttachment
 from bot.executor import GpuExecutor, Job
+from bot.images import decode_image
 from bot.settings import Settings
 from bot.studio import StartupError, Studio
 
@@ -21,13 +23,12 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def open_image(path: Path) -> Image.Image:
+    """The same checked decoding the bot applies to attachments (pixel cap, every mode to RGB)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return decode_image(path.read_bytes())
     except FileNotFoundError:
         raise StartupError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (BadAttachment, OSError) as error:
         raise StartupError(f"{path}: not a readable image ({error})") from None
 
 

@@ -35,7 +35,6 @@ PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this when shape
 class ImageBatch:
     """Several requests' rows laid out for one generation loop: rows [0, B) conditional, [B, 2B) unconditional."""
 
-    requests: Sequence[ImagineRequest]
     input_ids: torch.Tensor  # [2B, L] long, left-padded
     attention_mask: torch.Tensor  # [2B, L] long
     guidance: torch.Tensor  # [B, 1] float
@@ -235,7 +234,6 @@ class JanusEngine:
         ])
         per_row = lambda values: torch.tensor(values, dtype=torch.float32).repeat_interleave(counts)[:, None]  # noqa: E731
         return ImageBatch(
-            requests=real,
             input_ids=torch.cat([cond, uncond]).to(self.device),
             attention_mask=torch.cat([mask, mask]).to(self.device),
             guidance=per_row([r.guidance for r in requests]).to(self.device),

@@ -145,7 +145,7 @@ class Generation(commands.Cog):
             if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, images, delivery, charge, note=getattr(job, "note", None))
+        await self.deliver(interaction, request, images, delivery, note=getattr(job, "note", None))
 
     async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
                      delivery: Delivery) -> list[Image.Image]:
@@ -169,7 +169,7 @@ class Generation(commands.Cog):
         return await job
 
     async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, images: list[Image.Image],
-                      delivery: Delivery, charge: Charge, note: str | None = None) -> None:
+                      delivery: Delivery, note: str | None = None) -> None:
         gallery_id = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
                     count=request.count, guidance=request.guidance, temperature=request.temperature,
@@ -212,7 +212,7 @@ class Generation(commands.Cog):
                 await self.bot.store.refund(charge)
             await delivery.send(f"⚠️ {error}", [], None, first=True)
             return
-        await self.deliver(resumed, request, images, delivery, charge, note=getattr(job, "note", None))  # type: ignore[arg-type]
+        await self.deliver(resumed, request, images, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
 
     # ---- buttons ---------------------------------------------------------------------------------------
 

@@ -176,7 +176,6 @@ def test_temperature_zero_is_greedy_and_ignores_the_seed(engine: JanusEngine) ->
 def crafted_batch(guidance: list[float], temperature: list[float], uniforms: list[list[float]]) -> ImageBatch:
     rows = len(guidance)
     return ImageBatch(
-        requests=[],
         input_ids=torch.zeros((2 * rows, 1), dtype=torch.long),
         attention_mask=torch.ones((2 * rows, 1), dtype=torch.long),
         guidance=torch.tensor(guidance)[:, None],
