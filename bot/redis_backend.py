@@ -32,7 +32,7 @@ from bot.backends import Origin
 from bot.errors import JobCancelled, JobFailed, QueueFull, UserFacingError
 from bot.executor import Job, Progress
 from bot.limits import ALLOWED
-from bot.requests import AskRequest, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings
 from bot.store import Charge
 
@@ -144,7 +144,7 @@ class RedisBackend:
         return job
 
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> RedisJob[list[Image.Image]]:
+                charge: Charge | None = None) -> RedisJob[list[Drawing]]:
         job = self._submit(request, owner=owner, weight=request.count, origin=origin)
         job.charge = charge  # written with the awaiting record, for a restarted bot to refund
         return job
@@ -334,7 +334,7 @@ class RedisBackend:
             elif job.kind == "ask":
                 outcome = blobs[0].decode()
             else:
-                outcome = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs])
+                outcome = await asyncio.to_thread(lambda: [wire.unpng_drawing(blob) for blob in blobs])
         elif kind == wire.FAILED:
             outcome = JobFailed(wire.field(fields, "text") or LOST)
         else:

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from bot.requests import AskRequest, ImagineRequest, Turn
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn
 
 JOBS = "janus:jobs"
 DEAD = "janus:dead"
@@ -38,6 +38,7 @@ GROUP = "workers"
 MAX_DELIVERIES = 3  # a job delivered more often than this (it keeps killing workers) is set aside
 EVENTS_MAXLEN = 100  # per-job events kept; the terminal event is always the newest
 DEAD_MAXLEN = 10_000
+TOKENS_CHUNK = "janus-tokens"  # PNG text chunk of a result: its image tokens
 # Blocking reads wait BLOCK_MS at most, well under the socket timeout (redis-py's default of 5 s would
 # otherwise cut a longer BLOCK short with a TimeoutError).
 BLOCK_MS = 1000
@@ -125,12 +126,27 @@ def unpng(data: bytes) -> Image.Image:
     return image
 
 
+def png_drawing(drawing: Drawing) -> bytes:
+    """A finished image as PNG, its image tokens in a text chunk (Vary needs them after a restart too)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TOKENS_CHUNK, ",".join(map(str, drawing.tokens)))
+    buffer = io.BytesIO()
+    drawing.image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def unpng_drawing(data: bytes) -> Drawing:
+    image = unpng(data)
+    text = image.info.get(TOKENS_CHUNK, "")
+    return Drawing(image, tuple(int(token) for token in text.split(",")) if text else ())
+
+
 def encode_request(request: Request) -> tuple[str, str, list[Image.Image]]:
     """(kind, JSON, images): an AskRequest's images, its history's included, are listed apart and referred to
     by index, to be stored under their own keys."""
     if isinstance(request, ImagineRequest):
         data = {"prompt": request.prompt, "count": request.count, "guidance": request.guidance,
-                "temperature": request.temperature, "seed": request.seed}
+                "temperature": request.temperature, "seed": request.seed, "keep": list(request.keep)}
         return "imagine", json.dumps(data), []
     images: list[Image.Image] = []
 
@@ -149,7 +165,7 @@ def decode_request(kind: str, payload: str, images: Sequence[Image.Image | None]
     """The request `encode_request` wrote, given its images in order (None for one that is gone: left out)."""
     data: dict[str, Any] = json.loads(payload)
     if kind == "imagine":
-        return ImagineRequest(**data)
+        return ImagineRequest(**{**data, "keep": tuple(data.get("keep", ()))})
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
         return tuple(image for i in indices if (image := images[i]) is not None)

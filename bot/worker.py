@@ -391,7 +391,7 @@ class Worker:
 def _encode_outcome(outcome: Any) -> list[bytes]:
     if isinstance(outcome, str):
         return [outcome.encode()]
-    return [wire.png(image) for image in outcome]
+    return [wire.png_drawing(drawing) for drawing in outcome]
 
 
 def _encode_previews(previews: Sequence[Image.Image]) -> list[bytes]:

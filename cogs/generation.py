@@ -22,7 +22,7 @@ from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
-from bot.requests import ImagineRequest
+from bot.requests import Drawing, ImagineRequest
 from bot.resumed import ResumedInteraction
 from bot.store import Charge, Gallery
 
@@ -134,7 +134,7 @@ class Generation(commands.Cog):
         await acknowledge(interaction)
         delivery = Delivery(interaction)
         try:
-            images = await self.follow(job, request, delivery)
+            drawings = await self.follow(job, request, delivery)
         except UserFacingError as error:
             if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
                 return
@@ -145,11 +145,11 @@ class Generation(commands.Cog):
             if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, images, delivery, note=getattr(job, "note", None))
+        await self.deliver(interaction, request, drawings, delivery, note=getattr(job, "note", None))
 
-    async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
-                     delivery: Delivery) -> list[Image.Image]:
-        """Keep the status message current until the job is done; return its images."""
+    async def follow(self, job: Job[list[Drawing]], request: ImagineRequest,
+                     delivery: Delivery) -> list[Drawing]:
+        """Keep the status message current until the job is done; return its drawings."""
         interval, last = self.bot.settings.status_update_seconds, float("-inf")
         shown_preview = None
         job.changed.set()  # show the queue position at once, not only once it changes
@@ -168,8 +168,9 @@ class Generation(commands.Cog):
             await delivery.edit(**fields)
         return await job
 
-    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, images: list[Image.Image],
+    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, drawings: list[Drawing],
                       delivery: Delivery, note: str | None = None) -> None:
+        images = [drawing.image for drawing in drawings]
         gallery_id = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
                     count=request.count, guidance=request.guidance, temperature=request.temperature,
@@ -195,7 +196,7 @@ class Generation(commands.Cog):
         if reattach is not None:
             await reattach(self.deliver_reattached)
 
-    async def deliver_reattached(self, job: Job[list[Image.Image]], request: ImagineRequest,
+    async def deliver_reattached(self, job: Job[list[Drawing]], request: ImagineRequest,
                                  origin: Origin) -> None:
         """Show and deliver a job an earlier run of the bot was waiting for, as `run` does: its status and
         gallery go into the original response while the interaction's token lives, else to the channel it was
@@ -204,7 +205,7 @@ class Generation(commands.Cog):
         delivery = Delivery(resumed, expired=resumed.expired)  # type: ignore[arg-type]
         charge: Charge | None = getattr(job, "charge", None)
         try:
-            images = await self.follow(job, request, delivery)
+            drawings = await self.follow(job, request, delivery)
         except UserFacingError as error:
             if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
                 return
@@ -212,7 +213,7 @@ class Generation(commands.Cog):
                 await self.bot.store.refund(charge)
             await delivery.send(f"⚠️ {error}", [], None, first=True)
             return
-        await self.deliver(resumed, request, images, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
+        await self.deliver(resumed, request, drawings, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
 
     # ---- buttons ---------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from bot.executor import Progress, Reporter
 from bot.logs import configure_logging
-from bot.requests import AskRequest, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings, load_settings
 
 STEPS = int(os.environ.get("FAKE_STEPS", "10"))
@@ -46,7 +46,7 @@ class FakeStudio:
         return cls()
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter]) -> list[list[Image.Image]]:
+                      reports: Sequence[Reporter]) -> list[list[Drawing]]:
         for request in requests:
             self._note(request.prompt)
         asked = [float(m[1]) for r in requests if (m := re.search(r"slow:([\d.]+)", r.prompt))]
@@ -61,8 +61,8 @@ class FakeStudio:
                 os.kill(os.getpid(), signal.SIGKILL)
         if any("fail me" in request.prompt for request in requests):
             raise RuntimeError("the fake studio was asked to fail")
-        return [[Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)) for i in range(r.count)]
-                for r in requests]
+        return [[Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
+                 for i in range(r.count)] for r in requests]
 
     def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
         self._note(request.question)

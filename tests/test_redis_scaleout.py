@@ -177,9 +177,10 @@ async def test_a_killed_workers_job_is_taken_over_and_delivered_once(procs, back
     kill(first)
     second = await procs.worker()
 
-    images = await asyncio.wait_for(job, 20)
+    drawings = await asyncio.wait_for(job, 20)
 
-    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 1, 2)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 1, 2)
+    assert [d.tokens for d in drawings] == [(1, 0), (1, 1)]  # the image tokens travel with the images
     assert job.note == RESTARTED_NOTE and job.attempt == 2
     log = await events(redis, job.id)
     assert [e["type"] for e in log if e["type"] in wire.TERMINAL] == ["done"]  # exactly one outcome
@@ -293,9 +294,9 @@ async def test_a_restarted_bot_reattaches_and_delivers_exactly_once(procs, setti
     async with RedisBackend.connect(settings) as again:
         assert await again.reattach(deliver) == 0  # delivered once: nothing left to re-attach
 
-    [(delivered_id, request, origin, images)] = delivered
+    [(delivered_id, request, origin, drawings)] = delivered
     assert (delivered_id, request.prompt, origin) == (job_id, prompt, Origin(11, 22))
-    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 7, 2)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 7, 2)
     assert await redis.hlen(wire.AWAITING) == 0
     await nothing_left(redis)
 
