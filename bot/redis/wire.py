@@ -68,6 +68,11 @@ def preview_key(job_id: str, index: int) -> str:
     return f"janus:job:{job_id}:preview:{index}"
 
 
+def worker_key(name: str) -> str:
+    """A GPU worker's figures (JSON of bot.status.WorkerStatus); it expires a lease after the worker last wrote it."""
+    return f"janus:worker:{name}"
+
+
 def reply_key(job_id: str) -> str:
     return f"janus:job:{job_id}:reply"
 
