@@ -1,36 +1,38 @@
 """The bot's side of EXECUTOR=redis: jobs go into a Redis stream for GPU workers (`python -m bot worker`), and
-each job's event stream comes back as the `Job` surface the cogs know from the local executor (changed,
-progress, position, done, cancel, await).
+each job's event stream comes back as the `Job` surface the cogs know from local mode (changed, progress,
+position, notice, note, done, cancel, await).
 
 A request made with an `Origin` (a gallery or a question) is also written to `janus:bot:awaiting` until its
 outcome is handed over. A bot that was restarted mid-job re-attaches to those jobs (`reattach`, once per kind)
-and hands each outcome to that kind's delivery hook.
-Whoever removes a job from that hash (HDEL returns 1) delivers it, so each job reaches its member at most once;
-its durable event stream keeps the outcome meanwhile. The record also keeps the request's charge, so that a
-re-attached job that fails is refunded; the interaction's token, with which the restarted bot keeps editing the
-original response, is kept apart under a key that expires (janus:job:{id}:reply).
+and hands each outcome to that kind's delivery hook. Whoever removes a job from that hash (HDEL returns 1)
+delivers it, so each job reaches its member at most once; its durable event stream keeps the outcome
+meanwhile. The record also keeps the request's charge, so that a re-attached job that fails is refunded; the
+interaction's token, with which the restarted bot keeps editing the original response, is kept apart under a
+key that expires (janus:job:{id}:reply). A job this process settles itself (it gave up on it, lost it, or its
+member withdrew it) loses its record too, so a restarted bot never delivers, pings or refunds it again; and a
+job's keys are deleted once its outcome was taken.
+
+The GPU workers publish their figures with an expiry; while none has been seen for a lease period, the jobs
+waiting say so (`notice`), and /status too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from bot.backends import NOT_ACCEPTING, Deliver
-from bot.errors import JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
+from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
 from bot.executor import Job
 from bot.jobs import Charge, JobKind, Origin, Progress
-from bot.limits import ALLOWED
 from bot.redis import wire
 from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings
@@ -41,10 +43,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UNREACHABLE = "Sorry, I can't reach the GPU workers right now. Please try again in a minute."
+FULL = "Sorry, the GPU workers' queue is out of room right now. Please try again in a few minutes."
 LOST = "Sorry, this request got lost on its way to the GPU. Please try again."
 EXPIRED = "Sorry, this request's result expired before I could deliver it. Please try again."
 SILENT = "Sorry, the GPU worker running this request stopped answering. Please try again."
+TOO_LARGE = "Sorry, these images are too large to send to a GPU worker. Please try fewer or smaller ones."
+REFUSED = "Sorry, the GPU workers can't take this request ({})."
 ELSEWHERE = "This request's result was delivered by another instance of the bot."
+NO_WORKER = "No GPU worker is online right now: your request waits for one to come online."
 UNREACHABLE_AFTER_SECONDS = 60.0
 RESTARTED_NOTE = "A GPU worker stopped while working on this, so another one started it over."
 TOKEN_SECONDS = 15 * 60  # an interaction token's life: no use keeping it longer
@@ -58,6 +64,7 @@ class RedisJob(Job[T]):
         super().__init__(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
         self.id, self.origin, self.charge, self._backend = job_id, origin, charge, backend
         self.entry_id: str | None = None  # the job stream's entry, once written
+        self.inputs = 0  # question images stored for it
         self.attempt = 0  # which delivery of the entry last started it
         self.claimed = False  # this process removed the job from the awaiting hash, so it delivers it
         self.heard = time.perf_counter()  # when its last event arrived
@@ -78,6 +85,10 @@ class RedisJob(Job[T]):
         self._backend.withdraw(self)
         return True
 
+    def keys(self) -> list[str]:
+        """Every key of this job."""
+        return wire.job_keys(self.id, inputs=self.inputs, images=self.weight if self.kind == "imagine" else 1)
+
 
 class RedisBackend:
     """Jobs for GPU workers through Redis streams; the bot only queues requests and watches their events."""
@@ -88,6 +99,8 @@ class RedisBackend:
         self.jobs: dict[str, RedisJob[Any]] = {}  # followed jobs by id
         self.closing = False
         self.accepting = True  # False once the bot is shutting down: new requests are refused
+        self.online: bool | None = None  # whether a GPU worker was seen within a lease; None: not looked yet
+        self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -112,7 +125,6 @@ class RedisBackend:
             await backend.close()
 
     def stop_accepting(self) -> None:
-        """Refuse new requests from now on (shutdown); the jobs already queued go on."""
         self.accepting = False
 
     async def close(self) -> None:
@@ -123,9 +135,11 @@ class RedisBackend:
                 job.handed_over = job.origin is not None
                 job.future.cancel()
                 job.changed.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([self._watcher] if self._watcher else []), return_exceptions=True)
         await self.redis.aclose()
 
     # ---- the Backend protocol ------------------------------------------------------------------------------
@@ -178,16 +192,32 @@ class RedisBackend:
         waiting = sum(1 for job in self.jobs.values() if job.position)
         if waiting >= self.settings.queue_size:
             raise QueueFull(f"{waiting} requests are already waiting; please try again in a minute.")
-        kind = "imagine" if isinstance(request, ImagineRequest) else "ask"
-        job: RedisJob[Any] = RedisJob(self, job_id=uuid.uuid4().hex, kind=kind, owner=owner, weight=weight,
+        job_id = uuid.uuid4().hex
+        try:
+            entry, images = wire.encode_request(job_id, request)  # the schema the workers check it against
+        except wire.BadEntry as error:
+            raise BadPrompt(REFUSED.format(error)) from None
+        job: RedisJob[Any] = RedisJob(self, job_id=job_id, kind=entry.kind, owner=owner, weight=weight,
                                       origin=origin, charge=charge)  # the charge goes into the awaiting record
+        if self.online is False:
+            job.notice = NO_WORKER
         self.jobs[job.id] = job
-        self._spawn(self._queue_and_follow(job, request), f"job-{job.id}")
+        self._watch_workers()
+        self._spawn(self._queue_and_follow(job, entry, images), f"job-{job.id}")
         return job
 
-    async def _queue_and_follow(self, job: RedisJob[Any], request: wire.Request) -> None:
+    async def _queue_and_follow(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any]) -> None:
         try:
-            await self._queue(job, request)
+            await self._queue(job, entry, images)
+        except wire.BadEntry:
+            self._settle(job, JobFailed(TOO_LARGE))
+            return
+        except aioredis.ResponseError as error:
+            if "OOM" not in str(error):
+                raise
+            log.error("Redis refused job %s: it is out of memory (maxmemory)", job.id)
+            self._settle(job, JobFailed(FULL))
+            return
         except (aioredis.RedisError, OSError) as error:
             log.error("Could not queue %s job %s: %s", job.kind, job.id, error)
             self._settle(job, JobFailed(UNREACHABLE))
@@ -199,30 +229,30 @@ class RedisBackend:
             await self._check_queue(job, wire.events_key(job.id), "0-0")
         await self._follow(job)
 
-    async def _queue(self, job: RedisJob[Any], request: wire.Request) -> None:
-        """Write the request's images, the awaiting record (with an origin) and the entry, in one transaction."""
-        kind, payload, images = wire.encode_request(request)
-        blobs = await asyncio.to_thread(lambda: [wire.png(image) for image in images])
+    async def _queue(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any]) -> None:
+        """Write the request's images (reduced), the awaiting record (with an origin) and the entry, in one
+        transaction."""
+        blobs = await asyncio.to_thread(wire.encode_inputs, images)
+        job.inputs = len(blobs)
         if job.future.done():
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             for index, blob in enumerate(blobs):
                 pipe.set(wire.input_key(job.id, index), blob, ex=self.ttl)
             if job.origin is not None:
-                pipe.hset(wire.AWAITING, job.id, json.dumps({
-                    "kind": kind, "owner": str(job.owner), "guild": str(job.origin.guild_id),
-                    "channel": str(job.origin.channel_id), "message": str(job.origin.message_id),
-                    "request": payload,
-                    "charge": None if job.charge is None else charge_fields(job.charge),
-                }))
-                if job.origin.token:
-                    pipe.set(wire.reply_key(job.id), json.dumps({
-                        "application": str(job.origin.application_id), "token": job.origin.token,
-                    }), ex=min(self.ttl, TOKEN_SECONDS))
-            pipe.xadd(wire.JOBS, {"job": job.id, "kind": kind, "weight": job.weight, "request": payload})
+                origin = job.origin
+                record = wire.Awaiting(
+                    kind=entry.kind, owner=job.owner or 0, guild=origin.guild_id, channel=origin.channel_id,
+                    message=origin.message_id, request=entry.request, inputs=len(blobs),
+                    charge=None if job.charge is None else wire.ChargeData.of(job.charge))
+                pipe.hset(wire.AWAITING, job.id, record.model_dump_json())
+                if origin.token:
+                    reply = wire.Reply(application=origin.application_id, token=origin.token)
+                    pipe.set(wire.reply_key(job.id), reply.model_dump_json(), ex=min(self.ttl, TOKEN_SECONDS))
+            pipe.xadd(wire.JOBS, entry.fields())  # type: ignore[arg-type]
             *_, entry_id = await pipe.execute()
         job.entry_id = entry_id.decode()
-        log.debug("Queued %s job %s as entry %s", kind, job.id, job.entry_id)
+        log.debug("Queued %s job %s as entry %s", entry.kind, job.id, job.entry_id)
 
     def withdraw(self, job: RedisJob[Any]) -> None:
         """Tell the workers a job is no longer wanted (not when the bot is only going away: it comes back)."""
@@ -231,9 +261,12 @@ class RedisBackend:
         self._spawn(self._withdraw(job), f"withdraw-{job.id}")
 
     async def _withdraw(self, job: RedisJob[Any]) -> None:
+        """Raise the job's cancel flag, for the worker that takes or runs it, and forget the job here: its
+        record, token and images (the worker deletes the rest)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(wire.cancel_key(job.id), 1, ex=self.ttl)
             pipe.hdel(wire.AWAITING, job.id)
+            pipe.delete(wire.reply_key(job.id), *(wire.input_key(job.id, i) for i in range(job.inputs)))
             await pipe.execute()
 
     # ---- following a job's events --------------------------------------------------------------------------
@@ -250,7 +283,7 @@ class RedisBackend:
                     failing_since = failing_since or time.perf_counter()
                     if time.perf_counter() - failing_since > UNREACHABLE_AFTER_SECONDS:
                         log.error("Lost Redis while following job %s: %s", job.id, error)
-                        self._settle(job, JobFailed(UNREACHABLE))
+                        await self._give_up(job, UNREACHABLE)
                     else:
                         log.warning("Following job %s: %s; retrying", job.id, error)
                         await asyncio.sleep(1)
@@ -277,7 +310,7 @@ class RedisBackend:
             await self._check_queue(job, key, cursor)
         elif time.perf_counter() - job.heard > patience:
             log.error("No word on running job %s for too long; giving up", job.id)
-            self._settle(job, JobFailed(SILENT))
+            await self._give_up(job, SILENT)
         return cursor
 
     async def _check_queue(self, job: RedisJob[Any], key: str, last_id: str) -> None:
@@ -295,7 +328,7 @@ class RedisBackend:
                 if await self._apply(job, fields):
                     return
             log.error("Job %s left the queue without an outcome", job.id)
-            self._settle(job, JobFailed(LOST))
+            await self._give_up(job, LOST, gone=True)
             return
         delivered = max((_entry_order(g["last-delivered-id"]) for g in groups), default=(0, 0))
         if _entry_order(entry_id) <= delivered:
@@ -314,6 +347,7 @@ class RedisBackend:
         if kind == wire.STARTED:
             job.started_at = job.started_at or time.perf_counter()
             job.attempt = int(wire.field(fields, "attempt", "1"))
+            job.notice = None
         elif kind == wire.RESTARTED:
             job.note, job.progress = RESTARTED_NOTE, None
         elif kind == wire.PROGRESS:  # with the answer so far, for a question
@@ -333,6 +367,9 @@ class RedisBackend:
         return False
 
     async def _end(self, job: RedisJob[Any], kind: str, fields: dict[bytes, bytes]) -> None:
+        """Take the job's outcome, if this process is the one to deliver it, and delete the job's keys."""
+        if not await self._claim(job):
+            return
         outcome: Any
         if kind == wire.DONE:
             count = int(wire.field(fields, "count"))
@@ -347,13 +384,52 @@ class RedisBackend:
             outcome = JobFailed(wire.field(fields, "text") or LOST)
         else:
             outcome = JobCancelled(wire.field(fields, "text") or "This request was cancelled.")
-        if job.origin is not None:  # whoever removes it from the awaiting hash delivers it: once, by job id
-            job.claimed = bool(await self.redis.hdel(wire.AWAITING, job.id))
-            if not job.claimed:  # another process of the bot (one that re-attached) has it
-                log.info("Job %s is being delivered elsewhere", job.id)
-                job.elsewhere = True
-                outcome = JobCancelled(ELSEWHERE)
+        await self.redis.delete(*job.keys())
         self._settle(job, outcome)
+
+    async def _claim(self, job: RedisJob[Any]) -> bool:
+        """Remove the job from the awaiting hash, to be the one that delivers it (a job without an origin is
+        this process's alone). False, with the job settled as `elsewhere`, when another process of the bot (one
+        that re-attached) removed it first."""
+        if job.origin is None or job.claimed:
+            return True
+        job.claimed = bool(await self.redis.hdel(wire.AWAITING, job.id))
+        if not job.claimed:
+            log.info("Job %s is being delivered elsewhere", job.id)
+            job.elsewhere = True
+            self._settle(job, JobCancelled(ELSEWHERE))
+        return job.claimed
+
+    async def _give_up(self, job: RedisJob[Any], text: str, *, gone: bool = False) -> None:
+        """Fail a job this process stops waiting for, after forgetting it in Redis: its record (so no restarted
+        bot delivers or refunds it again) and keys, with the cancel flag raised for a worker that may still
+        have it (unless its entry is `gone`). Should Redis be out of reach, that is retried until it is back."""
+        try:
+            if not await self._claim(job):
+                return
+            await self._forget(job, gone)
+        except (aioredis.RedisError, OSError) as error:
+            log.warning("Could not forget job %s in Redis (%s); trying again until it answers", job.id, error)
+            self._spawn(self._forget_later(job, gone), f"forget-{job.id}")
+        self._settle(job, JobFailed(text))
+
+    async def _forget(self, job: RedisJob[Any], gone: bool) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(wire.AWAITING, job.id)
+            pipe.delete(*job.keys())
+            if not gone:
+                pipe.set(wire.cancel_key(job.id), 1, ex=self.ttl)
+            await pipe.execute()
+
+    async def _forget_later(self, job: RedisJob[Any], gone: bool) -> None:
+        while True:
+            await asyncio.sleep(1)
+            try:
+                await self._forget(job, gone)
+            except (aioredis.RedisError, OSError):
+                continue
+            log.info("Forgot job %s in Redis", job.id)
+            return
 
     @staticmethod
     def _settle(job: RedisJob[Any], outcome: Any) -> None:
@@ -366,49 +442,84 @@ class RedisBackend:
         job.finished_at = time.perf_counter()
         job.changed.set()
 
+    # ---- the workers ---------------------------------------------------------------------------------------
+
+    def _watch_workers(self) -> None:
+        if self._watcher is None and not self.closing:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="watch-workers")
+
+    async def _watch(self) -> None:
+        """While jobs wait, look for a live GPU worker about three times a lease; while there is none, they say
+        so."""
+        period = min(self.settings.worker_lease_seconds / 3, wire.BLOCK_MS / 1000)
+        while any(job.started_at is None and not job.done() for job in self.jobs.values()):
+            try:
+                online = await self._any_worker()
+            except (aioredis.RedisError, OSError) as error:
+                log.debug("Could not look for GPU workers: %s", error)
+            else:
+                if online != self.online:
+                    if not online:
+                        log.warning("No GPU worker has been seen for %.0fs; requests wait for one",
+                                    self.settings.worker_lease_seconds)
+                    elif self.online is False:
+                        log.info("A GPU worker is online again")
+                    self.online = online
+                    for job in self.jobs.values():
+                        if job.started_at is None and not job.done():
+                            job.notice = None if online else NO_WORKER
+                            job.changed.set()
+            await asyncio.sleep(period)
+        self._watcher = None
+
+    async def _any_worker(self) -> bool:
+        async for _key in self.redis.scan_iter(match=wire.worker_key("*"), count=1000):
+            return True
+        return False
+
     # ---- after a restart -----------------------------------------------------------------------------------
 
     async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
-        """Follow again the jobs of `kind` ("imagine" or "ask") an earlier run of the bot was awaiting.
-        `deliver(job, request, origin)` is called at once for each, to show the job's progress and then deliver
-        it; the origin has the interaction's token while it lives (and a question's message id), and `job.charge`
-        is the request's charge. A job another process claimed first ends with JobCancelled and `job.elsewhere`
-        set: it is not this one's to deliver. Returns how many were picked up."""
+        """Follow again the jobs of `kind` an earlier run of the bot was awaiting. `deliver(job, request,
+        origin)` is called at once for each, to show the job's progress and then deliver it; the origin has the
+        interaction's token while it lives (and a question's message id), and `job.charge` is the request's
+        charge. A job another process claimed first ends with JobCancelled and `job.elsewhere` set: it is not
+        this one's to deliver. An unreadable record is dropped. Returns how many were picked up."""
         awaiting = await self.redis.hgetall(wire.AWAITING)
         entries = await self.redis.xrange(wire.JOBS)  # short: an entry is deleted as its job ends
-        queued = {wire.field(fields, "job"): entry_id.decode() for entry_id, fields in entries}
+        queued = {fields.get(b"job", b""): entry_id.decode() for entry_id, fields in entries}
         picked = 0
-        for raw_id, raw_meta in awaiting.items():
-            job_id = raw_id.decode()
+        for raw_id, raw_record in awaiting.items():
+            job_id = raw_id.decode(errors="replace")
             if job_id in self.jobs:
                 continue
-            meta = json.loads(raw_meta)
-            if meta.get("kind", "imagine") != kind:  # records from before asks re-attached are galleries
+            try:
+                record = wire.Awaiting.model_validate_json(raw_record)
+                if record.kind != kind:
+                    continue
+                request = wire.decode_request(wire.request_data(record.kind, record.request), [])
+            except ValueError as error:  # pydantic's and BadEntry
+                log.error("Dropping the unreadable record of job %s: %s", job_id, str(error).splitlines()[0])
+                await self.redis.hdel(wire.AWAITING, raw_id)
                 continue
-            request = await self._load_request(job_id, kind, meta["request"])
-            reply = json.loads(await self.redis.get(wire.reply_key(job_id)) or "{}")  # gone once the token is
+            raw_reply = await self.redis.get(wire.reply_key(job_id))  # gone once the token is
+            reply = wire.Reply.model_validate_json(raw_reply) if raw_reply else None
             job: RedisJob[Any] = RedisJob(
-                self, job_id=job_id, kind=kind, owner=int(meta["owner"]),
+                self, job_id=job_id, kind=kind, owner=record.owner,
                 weight=request.count if isinstance(request, ImagineRequest) else 1,
-                origin=Origin(int(meta["guild"]), int(meta["channel"]), int(reply.get("application", 0)),
-                              reply.get("token", ""), int(meta.get("message", 0))))
-            job.entry_id = queued.get(job_id, "0-1")  # not queued any more: ran or is running (or was lost)
-            job.charge = charge_from(meta["charge"]) if meta.get("charge") else None
+                origin=Origin(record.guild, record.channel, reply.application if reply else 0,
+                              reply.token if reply else "", record.message),
+                charge=record.charge.charge() if record.charge else None)
+            job.entry_id = queued.get(raw_id, "0-1")  # not queued any more: ran or is running (or was lost)
+            job.inputs = record.inputs
             self.jobs[job_id] = job
             self._spawn(self._follow(job), f"reattached-{job_id}")
             self._spawn(deliver(job, request, job.origin), f"deliver-{job_id}")  # type: ignore[arg-type]
             picked += 1
+        self._watch_workers()
         if picked:
             log.info("Re-attached to %d %s job(s) an earlier run was waiting for", picked, kind)
         return picked
-
-    async def _load_request(self, job_id: str, kind: str, payload: str) -> wire.Request:
-        """The request as queued, a question's images read back from their keys as a worker reads them (those
-        that expired meanwhile are left out: its outcome, if any, is in the job's events)."""
-        count = wire.input_count(payload) if kind == "ask" else 0
-        blobs = await self.redis.mget([wire.input_key(job_id, index) for index in range(count)]) if count else []
-        images = await asyncio.to_thread(lambda: [wire.unpng(blob) if blob else None for blob in blobs])
-        return wire.decode_request(kind, payload, images)
 
     # ---- tasks ---------------------------------------------------------------------------------------------
 
@@ -426,22 +537,6 @@ class RedisBackend:
             return
         if error is not None:
             log.error("Task %s failed", task.get_name(), exc_info=error)
-
-
-def charge_fields(charge: Charge) -> dict[str, Any]:
-    """What `UsageStore.refund` needs of an admitted charge, as JSON."""
-    previous = charge.previous_request_at
-    return {"guild_id": charge.guild_id, "user_id": charge.user_id, "kind": charge.kind, "day": charge.day,
-            "charged_at": charge.charged_at.isoformat(),
-            "previous_request_at": None if previous is None else previous.isoformat()}
-
-
-def charge_from(fields: dict[str, Any]) -> Charge:
-    """The admitted charge `charge_fields` wrote, to refund in a later run of the bot."""
-    previous = fields["previous_request_at"]
-    return Charge(ALLOWED, guild_id=int(fields["guild_id"]), user_id=int(fields["user_id"]), kind=fields["kind"],
-                  day=fields["day"], charged_at=datetime.fromisoformat(fields["charged_at"]),
-                  previous_request_at=None if previous is None else datetime.fromisoformat(previous))
 
 
 def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
