@@ -203,7 +203,8 @@ def status_text(job: Job[Any], request: ImagineRequest) -> str:
     what = f"**{quote(request.prompt, 200)}**"
     if job.position:
         ahead = job.position - 1
-        return f"🕐 Waiting in line: #{job.position} ({ahead} ahead) — {what}"
+        waiting = f"🕐 Waiting in line: #{job.position} ({ahead} ahead) — {what}"
+        return f"{waiting}\n⏳ {job.notice}" if job.notice else waiting  # e.g. no GPU worker is online
     if job.progress is None:
         return f"🎨 Starting… — {what}"
     done, total = job.progress.done, job.progress.total

@@ -78,9 +78,14 @@ class Understanding(commands.Cog):
     async def stream(self, job: Job[str], output: AnswerOutput) -> str:
         """Show the answer as it grows, at most once per STATUS_UPDATE_SECONDS; return the final text."""
         interval, last, shown = self.bot.settings.status_update_seconds, float("-inf"), None
+        told = None
+        job.changed.set()  # say at once why it waits, if it does
         while not job.done():
             await job.changed.wait()
             job.changed.clear()
+            if job.notice and job.notice != told and not job.done():  # e.g. no GPU worker is online
+                told = job.notice
+                await output.show(f"⏳ {job.notice}")
             partial = job.progress.preview if job.progress else None
             if partial and partial != shown and not job.done() and time.perf_counter() - last >= interval:
                 last, shown = time.perf_counter(), partial

@@ -26,13 +26,15 @@ from scaleout_procs import color
 from scene import decode, open_scene
 
 from bot.client import JanusBot
-from bot.errors import JobCancelled, QueueFull
+from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull
 from bot.executor import GpuExecutor
 from bot.jobs import Origin
 from bot.redis import wire
-from bot.redis.backend import RESTARTED_NOTE, RedisBackend
+from bot.redis.backend import NO_WORKER, RESTARTED_NOTE, RedisBackend
+from bot.redis.worker import EXIT_STUCK
 from bot.requests import AskRequest, ImagineRequest, Turn
 from bot.settings import Settings
+from bot.status import WorkerStatus
 from bot.store import UsageStore
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -112,11 +114,11 @@ class Processes:
         self.logs[process.pid] = log
         return process
 
-    async def worker(self, **env: str) -> subprocess.Popen[bytes]:
-        """A worker process, once it is ready to take jobs."""
-        process = self.spawn("worker", **env)
-        await until(lambda: b"ready" in self.logs[process.pid].read_bytes() or process.poll() is not None, 30,
-                    "a worker to start")
+    async def worker(self, mode: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+        """A worker process (`real-worker`: with the real studio), once it is ready to take jobs."""
+        process = self.spawn(mode, **env)
+        await until(lambda: b"ready" in self.logs[process.pid].read_bytes() or process.poll() is not None,
+                    30 if mode == "worker" else 120, "a worker to start")
         assert process.poll() is None, self.logs[process.pid].read_text()
         return process
 
@@ -228,8 +230,8 @@ async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, r
     await nothing_left(redis)
 
 
-async def test_a_cancelled_queued_job_is_never_run(procs, backend, redis):
-    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7)
+async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart(procs, settings, backend, redis):
+    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7, origin=Origin(1, 2, 3, "token"))
     behind = backend.imagine(ImagineRequest("after it", count=1), owner=8)
     await until(lambda: withdrawn.position == 1 and behind.position == 2, 10, "queue positions from Redis")
 
@@ -240,6 +242,9 @@ async def test_a_cancelled_queued_job_is_never_run(procs, backend, redis):
     while not await redis.exists(wire.cancel_key(withdrawn.id)):
         assert time.perf_counter() < deadline, "the cancel flag never reached Redis"
         await asyncio.sleep(0.02)
+    assert await redis.hlen(wire.AWAITING) == 0 and not await redis.exists(wire.reply_key(withdrawn.id))
+    async with RedisBackend.connect(settings) as restarted:  # nothing of it for a restarted bot to deliver
+        assert await restarted.reattach("imagine", deliver_nothing) == 0
     await procs.worker()
 
     await asyncio.wait_for(behind, 20)
@@ -272,6 +277,143 @@ async def test_a_question_with_images_is_answered_by_a_worker_from_reduced_image
     assert answer == "1 image(s): 768x480"
     assert partial and answer.startswith(partial[0])  # the answer streamed
     await nothing_left(redis)  # its images, result and events were deleted once it was delivered
+
+
+async def deliver_nothing(job, request, origin) -> None:
+    raise AssertionError(f"job {job.id} was re-attached")
+
+
+async def test_a_job_the_bot_gave_up_on_leaves_nothing_for_a_restarted_bot(settings, backend, redis):
+    job = backend.ask(AskRequest("lost on the way", images=(Image.new("RGB", (4, 4)),)), owner=7,
+                      origin=Origin(1, 2, message_id=3))
+    await until(lambda: job.entry_id, 10, "the job in Redis")
+    assert await redis.hlen(wire.AWAITING) == 1
+    await redis.xdel(wire.JOBS, job.entry_id)  # its entry vanishes before any worker took it
+
+    with pytest.raises(JobFailed, match="got lost"):
+        await asyncio.wait_for(job, 10)
+
+    await nothing_left(redis)  # its record and image are gone with it
+    async with RedisBackend.connect(settings) as restarted:
+        assert await restarted.reattach("ask", deliver_nothing) == 0
+
+
+async def test_a_full_redis_refuses_jobs_with_a_clear_message(backend, redis):
+    await redis.config_set("maxmemory", 1)  # noeviction (the default policy): every write is refused
+    try:
+        job = backend.imagine(ImagineRequest("no room", count=1), owner=7)
+        with pytest.raises(JobFailed, match="out of room"):
+            await asyncio.wait_for(job, 10)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    await nothing_left(redis)
+
+
+async def test_a_request_out_of_the_schemas_range_is_refused_before_it_is_queued(backend, redis):
+    with pytest.raises(BadPrompt, match="count"):
+        backend.imagine(ImagineRequest("too many", count=wire.MAX_COUNT + 1), owner=7)
+    assert await redis.xlen(wire.JOBS) == 0
+
+
+# ---- workers run jobs as the bot does ---------------------------------------------------------------------
+
+
+async def test_questions_taken_together_by_a_worker_run_as_one_batch_each_answered_as_alone(
+        procs, backend, redis, studio, tiny_dir):
+    picture = Image.effect_noise((40, 30), 60).convert("RGB")
+    questions = [AskRequest("What is in this picture?", images=(picture,), seed=3, max_new_tokens=10),
+                 AskRequest("Tell me a story.", temperature=0.9, seed=4, max_new_tokens=10)]
+    jobs = [backend.ask(question, owner=index) for index, question in enumerate(questions)]
+    await until(lambda: all(job.entry_id for job in jobs), 10, "both questions in Redis")
+    worker = await procs.worker("real-worker", JANUS_MODEL=str(tiny_dir / "janus"), JANUS_DEVICE="cpu",
+                                UPSCALER_WEIGHTS="none")  # takes both at once
+
+    answers = await asyncio.wait_for(asyncio.gather(*jobs), 120)
+
+    assert procs.runs() == [(worker.pid, "asked 2")]  # one batch
+    assert answers == [studio.ask(question) for question in questions]  # the answers they get alone
+    await nothing_left(redis)
+
+
+# ---- workers stop, or get stuck ---------------------------------------------------------------------------
+
+
+async def test_a_stopped_worker_hands_its_job_back_without_counting_a_delivery(procs, backend, redis):
+    first = await procs.worker(FAKE_GRACE="0.2")
+    prompt = "a long walk slow:4"
+    job = backend.imagine(ImagineRequest(prompt, count=1, seed=2), owner=7)
+    await until(lambda: job.progress is not None, 15, "the first worker's progress")
+    first.send_signal(signal.SIGTERM)  # docker stop: its job does not finish within the grace period
+    second = await procs.worker()
+
+    drawings = await asyncio.wait_for(job, 20)
+
+    assert first.wait(10) == 0
+    assert "Handed 1 job(s) back" in procs.log(first)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 2, 1)
+    assert job.note == RESTARTED_NOTE  # started over by the second worker...
+    assert job.attempt == 1  # ...without the stop counting against the job (nor towards the dead letters)
+    assert procs.runs() == [(first.pid, prompt), (second.pid, prompt)]
+    assert procs.outcomes(job.id) == ["done"]
+    await nothing_left(redis)
+
+
+async def test_a_worker_whose_gpu_thread_hangs_lets_its_job_go_and_exits_non_zero(procs, backend, redis):
+    first = await procs.worker()
+    prompt = "a frozen lake hang once"
+    job = backend.imagine(ImagineRequest(prompt, count=1, seed=4), owner=7)
+    await until(lambda: job.progress is not None, 15, "the first worker's progress")
+    second = await procs.worker()
+
+    drawings = await asyncio.wait_for(job, 30)
+
+    assert first.wait(10) == EXIT_STUCK
+    assert "The GPU thread has reported no progress" in procs.log(first)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 4, 1)
+    assert job.note == RESTARTED_NOTE and job.attempt == 2  # its lease ran out: a takeover, counted
+    assert procs.runs() == [(first.pid, prompt), (second.pid, prompt)]
+    await nothing_left(redis)
+
+
+# ---- bad entries ------------------------------------------------------------------------------------------
+
+
+async def test_bad_entries_are_set_aside_with_a_reason_and_the_worker_goes_on(procs, backend, redis):
+    good, _ = wire.encode_request("0" * 32, ImagineRequest("fine", count=1))
+    ask, _ = wire.encode_request("0" * 32, AskRequest("what?", images=(Image.new("RGB", (4, 4)),)))
+    jpeg, huge = io.BytesIO(), Image.new("RGB", (wire.MAX_INPUT_SIDE + 1, 4))
+    Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
+    bad = {
+        "1" * 32: ({**good.fields(), "job": "1" * 32, "request": b'{"prompt": "\xff\xfe"}'}, None),
+        "2" * 32: ({**good.fields(), "job": "2" * 32, "priority": "high"}, None),
+        "3" * 32: ({**good.fields(), "job": "3" * 32,
+                    "request": good.request.replace('"count":1', '"count":1000')}, None),
+        "4" * 32: ({**ask.fields(), "job": "4" * 32}, jpeg.getvalue()),
+        "5" * 32: ({**ask.fields(), "job": "5" * 32}, wire.png(huge)),
+    }
+    for job_id, (fields, image) in bad.items():
+        if image is not None:
+            await redis.set(wire.input_key(job_id, 0), image)
+        await redis.xadd(wire.JOBS, fields)
+    worker = await procs.worker()
+
+    after = backend.imagine(ImagineRequest("after the bad ones", count=1, seed=1), owner=7)
+    await asyncio.wait_for(after, 20)
+
+    assert worker.poll() is None  # it went on
+    reasons = {fields[b"job"].decode(): fields[b"reason"].decode() for _id, fields in await redis.xrange(wire.DEAD)}
+    assert sorted(reasons) == sorted(bad)
+    assert "not UTF-8" in reasons["1" * 32]
+    assert "priority" in reasons["2" * 32] and "Extra inputs" in reasons["2" * 32]
+    assert "count" in reasons["3" * 32] and "less than or equal" in reasons["3" * 32]
+    assert "not a PNG" in reasons["4" * 32]
+    assert f"{wire.MAX_INPUT_SIDE + 1}x4" in reasons["5" * 32]
+    assert procs.log(worker).count("aside in janus:dead") == 5
+    for job_id in bad:  # whoever asked is told
+        [*_, (_id, last)] = await redis.xrange(wire.events_key(job_id))
+        assert last[b"type"] == b"failed" and b"could not read this request" in last[b"text"]
+    assert [prompt for _pid, prompt in procs.runs()] == ["after the bad ones"]
+    assert (await redis.xpending(wire.JOBS, wire.GROUP))["pending"] == 0 and await redis.xlen(wire.JOBS) == 0
 
 
 # ---- the bot side restarts ------------------------------------------------------------------------------
@@ -491,35 +633,104 @@ async def test_a_reattached_question_that_fails_is_refunded_and_told_in_a_reply(
     assert await redis.hlen(wire.AWAITING) == 0
 
 
-async def test_status_and_metrics_show_the_queue_in_redis(simcord_env, procs, settings, redis):
+def make_admin(env, scene):
+    managers = scene.guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
+    return scene.guild.add_member(env.create_user("carol"), roles=[managers])
+
+
+async def scrape(bot: JanusBot) -> str:
+    """The Prometheus page, from an endpoint started for this scrape alone."""
     from prometheus_client.core import REGISTRY
 
     from bot.metrics import serve_metrics
 
+    port = free_port()
+    collectors = len(list(REGISTRY._collector_to_names))
+    serve_metrics(bot, port)
+    try:
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+    finally:
+        for collector in list(REGISTRY._collector_to_names)[collectors:]:
+            REGISTRY.unregister(collector)
+
+
+async def published(redis: aioredis.Redis, process: subprocess.Popen[bytes], **figures: object) -> bool:
+    """Whether the worker's published figures include these."""
+    record = await redis.get(wire.worker_key(f"{socket.gethostname()}:{process.pid}"))
+    return record is not None and figures.items() <= WorkerStatus.model_validate_json(record).model_dump().items()
+
+
+async def test_status_and_metrics_show_the_queue_in_redis_and_the_live_workers(simcord_env, procs, settings,
+                                                                               redis):
     scene = open_scene(simcord_env)
-    managers = scene.guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
-    admin = scene.guild.add_member(simcord_env.create_user("carol"), roles=[managers])
+    admin = make_admin(simcord_env, scene)
     async with RedisBackend.connect(settings) as elsewhere:  # another instance of the bot queues three jobs
         jobs = [elsewhere.imagine(ImagineRequest(f"queued {i} slow:4", count=1), owner=i) for i in range(3)]
         await until(lambda: all(job.entry_id for job in jobs), 10, "the jobs in Redis")
 
         waiting = await admin.slash(scene.channel, "status")
-        await procs.worker(WORKER_SLOTS="1")
+        worker = await procs.worker(WORKER_SLOTS="1")
         await until(lambda: sum(job.position == 0 for job in jobs) == 1, 15, "a worker to take one")
+        deadline = time.perf_counter() + 10
+        while not await published(redis, worker, busy=1):
+            assert time.perf_counter() < deadline, "the worker never said it is busy"
+            await asyncio.sleep(0.05)
         taken = await admin.slash(scene.channel, "status")
-        port = free_port()
-        collectors = len(list(REGISTRY._collector_to_names))
-        serve_metrics(simcord_env.bot, port)
-        try:
-            page = await asyncio.to_thread(lambda: urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
-        finally:
-            for collector in list(REGISTRY._collector_to_names)[collectors:]:
-                REGISTRY.unregister(collector)
+        page = await scrape(simcord_env.bot)
 
+    name = f"{socket.gethostname()}:{worker.pid}"
     assert "3 waiting, 0 running" in waiting.response.content
+    assert "**GPU workers** 0 online" in waiting.response.content
+    assert "No GPU worker has been seen for a lease period" in waiting.response.content
     assert "2 waiting, 1 running" in taken.response.content
+    assert "**GPU workers** 1 online" in taken.response.content
+    assert (f"**`{name}`** `{settings.janus_model}` on fake:0 (bfloat16) · 1/1 slots busy · 0 jobs done · "
+            "GPU memory 3.0 GiB") in taken.response.content
     assert "janus_queue_waiting 2.0" in page and "janus_queue_running 1.0" in page
+    assert "janus_workers_online 1.0" in page
+    assert f'janus_worker_busy_slots{{worker="{name}"}} 1.0' in page
+    assert f'janus_worker_gpu_memory_bytes{{worker="{name}"}} 3.221225472e+09' in page
+
+
+async def test_members_hear_when_no_worker_is_online_and_status_shows_each_workers_jobs(simcord_env, procs,
+                                                                                       redis):
+    scene = open_scene(simcord_env)
+    admin = make_admin(simcord_env, scene)
+
+    async def start_a_worker_once_told() -> subprocess.Popen[bytes]:
+        await until(lambda: any(NO_WORKER in str(body.get("content")) for body in original_edits(simcord_env)),
+                    10, "the member to be told that no worker is online")
+        return await procs.worker(WORKER_SLOTS="4")
+
+    starting = asyncio.create_task(start_a_worker_once_told())
+    result = await scene.alice.slash(scene.channel, "imagine", prompt="a quiet harbour", count=1, seed=2)
+    worker = await starting
+
+    assert result.response.content.startswith("**a quiet harbour**")  # delivered once the worker took it
+    deadline = time.perf_counter() + 10
+    while not await published(redis, worker, jobs_done=1):
+        assert time.perf_counter() < deadline, "the worker never counted its job"
+        await asyncio.sleep(0.05)
+    status = (await admin.slash(scene.channel, "status")).response.content
+    page = await scrape(simcord_env.bot)
+    kill(worker)
+    await until_gone(redis, worker)
+    after = (await admin.slash(scene.channel, "status")).response.content
+
+    name = f"{socket.gethostname()}:{worker.pid}"
+    assert "0/4 slots busy · 1 jobs done" in status and "  `imagine`: 1 recent, average" in status
+    assert "**jobs done** 1" in status
+    assert f'janus_worker_jobs_done_total{{worker="{name}"}} 1.0' in page
+    assert f'janus_worker_job_seconds{{kind="imagine",stat="p95",worker="{name}"}}' in page
+    assert "**GPU workers** 0 online" in after and "No GPU worker has been seen" in after  # its figures expired
+
+
+async def until_gone(redis: aioredis.Redis, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.perf_counter() + 10
+    while await redis.exists(wire.worker_key(f"{socket.gethostname()}:{process.pid}")):
+        assert time.perf_counter() < deadline, "the dead worker's figures never expired"
+        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:

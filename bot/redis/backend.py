@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from bot.backends import NOT_ACCEPTING, Deliver
 from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
@@ -212,9 +213,7 @@ class RedisBackend:
         except wire.BadEntry:
             self._settle(job, JobFailed(TOO_LARGE))
             return
-        except aioredis.ResponseError as error:
-            if "OOM" not in str(error):
-                raise
+        except OutOfMemoryError:  # its maxmemory with the noeviction policy (docker-compose.yml)
             log.error("Redis refused job %s: it is out of memory (maxmemory)", job.id)
             self._settle(job, JobFailed(FULL))
             return
@@ -460,7 +459,7 @@ class RedisBackend:
             else:
                 if online != self.online:
                     if not online:
-                        log.warning("No GPU worker has been seen for %.0fs; requests wait for one",
+                        log.warning("No GPU worker has been seen for %gs; requests wait for one",
                                     self.settings.worker_lease_seconds)
                     elif self.online is False:
                         log.info("A GPU worker is online again")

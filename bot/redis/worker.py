@@ -349,6 +349,8 @@ class Worker:
         finally:
             self.held.pop(held.entry_id, None)
             self._slot_freed.set()
+        with contextlib.suppress(aioredis.RedisError, OSError):  # its slot is free, and maybe a job done
+            await self._publish_figures()
 
     async def _run(self, held: Held, job: Job[Any]) -> None:
         try:
@@ -371,7 +373,6 @@ class Worker:
                 results = await asyncio.to_thread(_encode_outcome, outcome)
                 if await self._finish_held(held, wire.DONE, results=results, count=len(results)):
                     self.jobs_done += 1
-                    await self._publish_figures()
 
     async def _report_until_done(self, held: Held, job: Job[Any]) -> None:
         """Publish the job's start, then each new progress (throttled by the executor's notify interval;
