@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from bot.executor import GpuExecutor, Job, Reporter
-from bot.requests import AskRequest, ImagineRequest
+from bot.requests import AskRequest, ImagineRequest, UpscaleRequest
 from bot.store import Charge
 
 
@@ -35,6 +35,8 @@ class Backend(Protocol):
             charge: Charge | None = None) -> Job[str]: ...
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
                 charge: Charge | None = None) -> Job[list[Image.Image]]: ...
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[Image.Image]: ...
     def jobs_of(self, owner: int) -> int: ...
 
 
@@ -54,6 +56,11 @@ class LocalBackend:
                 charge: Charge | None = None) -> Job[list[Image.Image]]:
         return self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
                                             owner=owner)
+
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[Image.Image]:
+        return self.executor.submit(lambda report: self.studio().upscale(request, report), kind="upscale",
+                                    owner=owner)
 
     def imagine_batch(self, requests: list[ImagineRequest], reports: list[Reporter]) -> list[Any]:
         """The batch runner (a bound method, so waiting requests batch together)."""

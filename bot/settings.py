@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
     status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
     preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
+    vary_keep_rows: int | None = Field(None, ge=1, description="Token rows Vary keeps from the top; unset = a third")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
     log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve Prometheus metrics on this port")
