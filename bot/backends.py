@@ -1,31 +1,16 @@
 """Where the cogs' model jobs run. The default runs them in this process on the GPU thread; the same two calls
-can be served by GPU workers elsewhere (bot/redis_backend.py). Cogs only ever see `Job`s."""
+can be served by GPU workers elsewhere (bot/redis/). Cogs only ever see `Job`s."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
-from bot.executor import GpuExecutor, Job, Reporter
+from bot.executor import GpuExecutor, Job
+from bot.jobs import Charge, Origin, Reporter
 from bot.requests import AskRequest, ImagineRequest, UpscaleRequest
-from bot.store import Charge
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a request was made, so that a restarted bot can still post its result there (EXECUTOR=redis).
-    With the interaction's application id and token (valid 15 minutes), it can also keep editing the original
-    response; the token is a credential: it is never shown in a repr, and Redis keeps it only as long as the
-    job's other keys. A question asked in a message keeps that message's id, to answer it in a reply."""
-
-    guild_id: int
-    channel_id: int
-    application_id: int = 0
-    token: str = field(default="", repr=False)
-    message_id: int = 0
 
 
 class Backend(Protocol):

@@ -10,11 +10,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from bot.engine import AskRequest, ImagineRequest
-from bot.errors import BadAttachment
+from bot.errors import BadAttachment, StartupError
 from bot.executor import GpuExecutor, Job
 from bot.images import decode_image
 from bot.settings import Settings
-from bot.studio import StartupError, Studio
+from bot.studio import Studio
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.backends import Backend, LocalBackend
-from bot.errors import UserFacingError
+from bot.errors import StartupError, UserFacingError
 from bot.executor import GpuExecutor, Reporter
 from bot.quota import Quota
 from bot.settings import Settings
@@ -87,7 +87,7 @@ class JanusBot(commands.AutoShardedBot):
 
     async def _load_studio(self) -> None:
         """Load the model as the executor's first job, so requests simply queue behind it."""
-        from bot.studio import StartupError, Studio
+        from bot.studio import Studio
 
         def load(_report: Reporter) -> None:
             # Assigned on the GPU thread itself, so the jobs queued behind the load see it at once.
@@ -154,8 +154,7 @@ async def acknowledge(interaction: discord.Interaction) -> None:
 
 async def run_bot(settings: Settings) -> int:
     """`python -m bot`: open the store and the executor, connect, and serve until stopped."""
-    from bot.redis_backend import open_backend
-    from bot.studio import StartupError
+    from bot.redis.backend import open_backend
 
     if settings.discord_token is None:
         raise StartupError("DISCORD_TOKEN is not set: copy your bot's token from the Discord Developer Portal "

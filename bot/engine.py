@@ -22,8 +22,8 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from bot.executor import Progress, Reporter
 from bot.images import to_rgb
+from bot.jobs import Progress, Reporter
 from bot.requests import AskRequest, Drawing, ImagineRequest, Turn  # defined without torch; re-exported here
 
 log = logging.getLogger(__name__)

@@ -18,23 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from bot.errors import JobCancelled, QueueFull
+from bot.jobs import Progress, Reporter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = TypeVar("P")
 
-
-@dataclass(frozen=True)
-class Progress:
-    """What a running job last reported: `done` of `total` steps, and an optional preview (image or text)."""
-
-    done: int
-    total: int
-    preview: Any = None
-
-
-Reporter = Callable[[Progress], None]
 BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, resolve_device
-from bot.errors import JobCancelled, JobFailed
-from bot.executor import Progress, Reporter
+from bot.errors import JobCancelled, JobFailed, StartupError
+from bot.jobs import Progress, Reporter
 from bot.requests import UpscaleRequest
 from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
@@ -27,10 +27,6 @@ T = TypeVar("T")
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
 OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
 OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
-
-
-class StartupError(Exception):
-    """The model or the upscaler cannot be loaded; one line says which setting to fix and how."""
 
 
 class Studio:

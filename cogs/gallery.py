@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from bot.backends import Origin
+from bot.jobs import Origin
 from bot.client import SORRY, reply_privately
 from bot.errors import UserFacingError
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit

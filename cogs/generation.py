@@ -8,7 +8,6 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -16,15 +15,15 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.backends import Origin
 from bot.client import acknowledge, reply_privately
+from bot.delivery import Delivery, ResumedInteraction
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
-from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
+from bot.jobs import Charge, Origin
+from bot.media import clean_text, image_files, quote, upload_limit
 from bot.requests import Drawing, ImagineRequest
-from bot.resumed import ResumedInteraction
-from bot.store import Charge, Gallery
+from bot.store import Gallery
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -32,51 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 256  # px of each preview tile in the status message
-UNKNOWN_INTERACTION = (10015, 10062)  # Discord's codes for an expired interaction token
-
-
-@dataclass
-class Delivery:
-    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
-
-    interaction: discord.Interaction
-    expired: bool = False
-
-    async def edit(self, **fields: Any) -> discord.Message | None:
-        if self.expired:
-            return None
-        try:
-            return await self.interaction.edit_original_response(**fields)
-        except discord.NotFound:
-            self.expired = True
-        except discord.HTTPException as error:
-            log.warning("Could not update the /imagine response: %s", error)
-        return None
-
-    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
-                   first: bool) -> discord.Message:
-        if first:
-            message = await self.edit(content=content, attachments=files, view=view)
-            if message is not None:
-                return message
-        elif not self.expired:
-            try:
-                return await self.interaction.followup.send(content, files=files, wait=True)
-            except discord.HTTPException as error:
-                log.warning("Follow-up failed (%s); posting in the channel instead", error)
-        for file in files:
-            file.reset()
-        mention, channel = self.interaction.user.mention, self.interaction.channel
-        try:
-            return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
-            )
-        except discord.Forbidden as error:  # say which permission to ask an admin for
-            missing = missing_permission(channel, files=bool(files))
-            log.warning("Could not post /imagine results in #%s of server %s: %s (missing: %s)", channel,
-                        self.interaction.guild_id, error, missing or "unknown")
-            raise UserFacingError(cannot_post(missing)) from None
 
 
 class Generation(commands.Cog):

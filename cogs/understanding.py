@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.backends import Origin
 from bot.client import SORRY, acknowledge, reply_privately
+from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction
 from bot.errors import UserFacingError
 from bot.executor import Job
+from bot.jobs import Charge, Origin
 from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
 from bot.requests import AskRequest, Turn
-from bot.resumed import ResumedInteraction
-from bot.store import Charge
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -34,82 +32,6 @@ MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
 DESCRIBE = "Describe this image in detail."
 NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
 TYPING_CURSOR = " ▌"
-
-
-class AnswerOutput(Protocol):
-    """Where a streamed answer goes: a reply to a message, or an interaction's response."""
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]: ...
-    async def show(self, text: str) -> None: ...
-    async def finish(self, chunks: list[str]) -> None: ...
-
-
-class ReplyOutput:
-    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain walkable."""
-
-    def __init__(self, message: discord.Message) -> None:
-        self.message, self.reply = message, None
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return self.message.channel.typing()  # the typing indicator while the answer is prepared
-
-    async def show(self, text: str) -> None:
-        try:
-            if self.reply is None:
-                self.reply = await self.message.reply(text)
-            else:
-                await self.reply.edit(content=text)
-        except discord.HTTPException as error:  # a missed progress update is harmless
-            log.debug("Streaming update failed: %s", error)
-
-    async def finish(self, chunks: list[str]) -> None:
-        first, *rest = chunks
-        previous = await self._final_first(first)
-        for chunk in rest:
-            previous = await previous.reply(chunk, mention_author=False)
-
-    async def _final_first(self, text: str) -> discord.Message:
-        if self.reply is not None:
-            try:
-                return await self.reply.edit(content=text)
-            except discord.HTTPException:
-                log.warning("Could not edit the streamed reply; sending the answer anew")
-        try:
-            return await self.message.reply(text)
-        except discord.HTTPException:  # e.g. the question was deleted meanwhile
-            return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
-                                                   allowed_mentions=discord.AllowedMentions(users=[self.message.author]))
-
-
-class InteractionOutput:
-    """Streams into a deferred interaction's original response; further chunks are follow-ups."""
-
-    def __init__(self, interaction: discord.Interaction) -> None:
-        self.interaction = interaction
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return contextlib.nullcontext()  # the deferred "thinking…" response already says so
-
-    async def show(self, text: str) -> None:
-        try:
-            await self.interaction.edit_original_response(content=text)
-        except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
-            log.debug("Streaming update failed: %s", error)
-
-    async def finish(self, chunks: list[str]) -> None:
-        sent = 0
-        try:
-            await self.interaction.edit_original_response(content=chunks[0])
-            sent = 1
-            for chunk in chunks[1:]:
-                await self.interaction.followup.send(chunk)
-                sent += 1
-        except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
-            channel = self.interaction.channel
-            mention = self.interaction.user.mention
-            for chunk in chunks[sent:]:
-                await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
-                                   allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
 
 
 class Understanding(commands.Cog):

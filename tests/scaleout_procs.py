@@ -1,7 +1,7 @@
 """Processes for tests/test_redis_scaleout.py, started as `python -m scaleout_procs worker|bot ...` (tests/
 on PYTHONPATH, settings from the environment):
 
-- `worker`: the real `bot.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
+- `worker`: the real `bot.redis.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
   in FAKE_STEPS steps through the same executor and batcher, reporting progress at each step, a preview halfway.
   A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report;
   `fail me` makes the batch raise once drawn (the worker reports the job failed). Questions are answered with
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from bot.executor import Progress, Reporter
+from bot.jobs import Progress, Reporter
 from bot.logs import configure_logging
 from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings, load_settings
@@ -85,8 +85,8 @@ class FakeStudio:
 
 
 async def submit_and_wait(prompt: str, guild: int, channel: int, owner: int) -> None:
-    from bot.backends import Origin
-    from bot.redis_backend import RedisBackend
+    from bot.jobs import Origin
+    from bot.redis.backend import RedisBackend
 
     async with RedisBackend.connect(load_settings()) as backend:
         job = backend.imagine(ImagineRequest(prompt, count=2, seed=7), owner=owner,
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     settings = load_settings()
     configure_logging(settings)
     if argv[0] == "worker":
-        from bot.worker import run_worker
+        from bot.redis.worker import run_worker
 
         return asyncio.run(run_worker(settings, load_studio=FakeStudio.load))
     prompt, guild, channel, owner = argv[1], int(argv[2]), int(argv[3]), int(argv[4])

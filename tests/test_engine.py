@@ -15,7 +15,7 @@ from tiny_models import IMAGE_SIZE, NUM_IMAGE_TOKENS
 from transformers import GenerationMixin
 
 from bot.engine import AskRequest, Drawing, ImageBatch, ImagineRequest, JanusEngine, Turn
-from bot.executor import Progress
+from bot.jobs import Progress
 from bot.studio import Studio
 from bot.upscaler import Upscaler
 

@@ -1,5 +1,5 @@
 """Scale-out through Redis (EXECUTOR=redis): a real redis-server, real worker processes (`python -m
-scaleout_procs worker`: bot.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
+scaleout_procs worker`: bot.redis.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
 1.5 s, so a takeover happens within about two seconds; every wait has a deadline."""
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from PIL import Image
 from scaleout_procs import color
 from scene import decode, open_scene
 
-from bot import redis_wire as wire
-from bot.backends import Origin
 from bot.client import JanusBot
 from bot.errors import JobCancelled, QueueFull
 from bot.executor import GpuExecutor
-from bot.redis_backend import RESTARTED_NOTE, RedisBackend
+from bot.jobs import Origin
+from bot.redis import wire
+from bot.redis.backend import RESTARTED_NOTE, RedisBackend
 from bot.requests import AskRequest, ImagineRequest, Turn
 from bot.settings import Settings
 from bot.store import UsageStore

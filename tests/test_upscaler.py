@@ -12,8 +12,9 @@ from PIL import Image
 from tiny_models import build_not_an_upscaler
 
 from bot.engine import ImagineRequest
+from bot.errors import StartupError
 from bot.settings import Settings
-from bot.studio import StartupError, Studio
+from bot.studio import Studio
 from bot.upscaler import Upscaler, UpscalerError
 
 

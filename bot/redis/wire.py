@@ -89,14 +89,6 @@ def redacted(url: str) -> str:
     return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
-def startup_error(message: str) -> Exception:
-    """bot.studio's StartupError, imported only when needed: it brings torch, which the bot side of
-    EXECUTOR=redis (and a test worker) can do without."""
-    from bot.studio import StartupError
-
-    return StartupError(message)
-
-
 async def ensure_group(redis: aioredis.Redis) -> None:
     """Create the job stream and its consumer group (from the first entry) unless they exist."""
     try:

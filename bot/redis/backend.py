@@ -25,16 +25,14 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from PIL import Image
 
-from bot import redis_wire as wire
-from bot.backends import Origin
-from bot.errors import JobCancelled, JobFailed, QueueFull, UserFacingError
-from bot.executor import Job, Progress
+from bot.errors import JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
+from bot.executor import Job
+from bot.jobs import Charge, Origin, Progress
 from bot.limits import ALLOWED
+from bot.redis import wire
 from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings
-from bot.store import Charge
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +101,14 @@ class RedisBackend:
         """Connect to REDIS_URL (a StartupError naming the setting if it can't), yield, and close at exit."""
         url = settings.redis_url.get_secret_value() if settings.redis_url else ""
         if not url:
-            raise wire.startup_error("EXECUTOR=redis needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
+            raise StartupError("EXECUTOR=redis needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
         redis = wire.connect(url)
         try:
             await redis.ping()
             await wire.ensure_group(redis)
         except (aioredis.RedisError, OSError) as error:
             await redis.aclose()
-            raise wire.startup_error(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
+            raise StartupError(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
         log.info("Jobs go to GPU workers through Redis at %s", wire.redacted(url))
         backend = cls(redis, settings)
         try:

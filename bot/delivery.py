@@ -1,0 +1,189 @@
+"""Where results go on Discord: a gallery into the interaction's original response (else the channel), an
+answer streamed into a reply or into the response; and, for a job that outlived a restart of the bot
+(EXECUTOR=redis), the interaction as the restarted bot still has it, so that the same code shows and delivers
+it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import discord
+from discord.utils import MISSING
+from discord.webhook.async_ import async_context, handle_message_parameters
+
+from bot.errors import UserFacingError
+from bot.jobs import Origin
+from bot.media import cannot_post, missing_permission
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delivery:
+    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
+
+    interaction: discord.Interaction
+    expired: bool = False
+
+    async def edit(self, **fields: Any) -> discord.Message | None:
+        if self.expired:
+            return None
+        try:
+            return await self.interaction.edit_original_response(**fields)
+        except discord.NotFound:
+            self.expired = True
+        except discord.HTTPException as error:
+            log.warning("Could not update the /imagine response: %s", error)
+        return None
+
+    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
+                   first: bool) -> discord.Message:
+        if first:
+            message = await self.edit(content=content, attachments=files, view=view)
+            if message is not None:
+                return message
+        elif not self.expired:
+            try:
+                return await self.interaction.followup.send(content, files=files, wait=True)
+            except discord.HTTPException as error:
+                log.warning("Follow-up failed (%s); posting in the channel instead", error)
+        for file in files:
+            file.reset()
+        mention, channel = self.interaction.user.mention, self.interaction.channel
+        try:
+            return await channel.send(  # type: ignore[union-attr]
+                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
+                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+            )
+        except discord.Forbidden as error:  # say which permission to ask an admin for
+            missing = missing_permission(channel, files=bool(files))
+            log.warning("Could not post /imagine results in #%s of server %s: %s (missing: %s)", channel,
+                        self.interaction.guild_id, error, missing or "unknown")
+            raise UserFacingError(cannot_post(missing)) from None
+
+
+class AnswerOutput(Protocol):
+    """Where a streamed answer goes: a reply to a message, or an interaction's response."""
+
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]: ...
+    async def show(self, text: str) -> None: ...
+    async def finish(self, chunks: list[str]) -> None: ...
+
+
+class ReplyOutput:
+    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain walkable."""
+
+    def __init__(self, message: discord.Message) -> None:
+        self.message, self.reply = message, None
+
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self.message.channel.typing()  # the typing indicator while the answer is prepared
+
+    async def show(self, text: str) -> None:
+        try:
+            if self.reply is None:
+                self.reply = await self.message.reply(text)
+            else:
+                await self.reply.edit(content=text)
+        except discord.HTTPException as error:  # a missed progress update is harmless
+            log.debug("Streaming update failed: %s", error)
+
+    async def finish(self, chunks: list[str]) -> None:
+        first, *rest = chunks
+        previous = await self._final_first(first)
+        for chunk in rest:
+            previous = await previous.reply(chunk, mention_author=False)
+
+    async def _final_first(self, text: str) -> discord.Message:
+        if self.reply is not None:
+            try:
+                return await self.reply.edit(content=text)
+            except discord.HTTPException:
+                log.warning("Could not edit the streamed reply; sending the answer anew")
+        try:
+            return await self.message.reply(text)
+        except discord.HTTPException:  # e.g. the question was deleted meanwhile
+            return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
+                                                   allowed_mentions=discord.AllowedMentions(users=[self.message.author]))
+
+
+class InteractionOutput:
+    """Streams into a deferred interaction's original response; further chunks are follow-ups."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+
+    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return contextlib.nullcontext()  # the deferred "thinking…" response already says so
+
+    async def show(self, text: str) -> None:
+        try:
+            await self.interaction.edit_original_response(content=text)
+        except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
+            log.debug("Streaming update failed: %s", error)
+
+    async def finish(self, chunks: list[str]) -> None:
+        sent = 0
+        try:
+            await self.interaction.edit_original_response(content=chunks[0])
+            sent = 1
+            for chunk in chunks[1:]:
+                await self.interaction.followup.send(chunk)
+                sent += 1
+        except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
+            channel = self.interaction.channel
+            mention = self.interaction.user.mention
+            for chunk in chunks[sent:]:
+                await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
+                                   allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
+
+
+@dataclass
+class ResumedInteraction:
+    """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis. With the
+    application id and token (valid 15 minutes) the original response can still be edited and followed up
+    through the interaction's webhook; without them (or once they expire) results go to the channel. It offers
+    what `Delivery`, `InteractionOutput` and the cogs' delivery use of a `discord.Interaction`."""
+
+    user: discord.abc.User
+    channel: discord.abc.Messageable
+    guild_id: int | None
+    guild: discord.Guild | None
+    followup: discord.Webhook | None  # None without a token: nothing to edit, everything goes to the channel
+
+    @classmethod
+    async def of(cls, bot: discord.Client, origin: Origin, owner: int) -> ResumedInteraction:
+        user = bot.get_user(owner) or await bot.fetch_user(owner)
+        guild_id = origin.guild_id or None
+        channel = bot.get_channel(origin.channel_id) or bot.get_partial_messageable(origin.channel_id,
+                                                                                     guild_id=guild_id)
+        webhook = None
+        if origin.application_id and origin.token:
+            webhook = discord.Webhook.partial(origin.application_id, origin.token, client=bot)
+        return cls(user, channel, guild_id, bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
+                   webhook)
+
+    @property
+    def expired(self) -> bool:
+        return self.followup is None
+
+    async def edit_original_response(self, *, content: Any = MISSING, attachments: Any = MISSING,
+                                     view: Any = MISSING) -> discord.WebhookMessage:
+        """PATCH /webhooks/{application}/{token}/messages/@original, as `Interaction.edit_original_response`
+        sends it (`Webhook.edit_message("@original")` would send the "@" percent-encoded)."""
+        webhook = self.followup
+        if webhook is None or webhook.token is None:
+            raise ValueError("no interaction token to edit the original response with")
+        with handle_message_parameters(content=content, attachments=attachments, view=view,
+                                       previous_allowed_mentions=webhook._state.allowed_mentions) as params:
+            data = await async_context.get().edit_original_interaction_response(
+                webhook.id, webhook.token, session=webhook.session, proxy=webhook.proxy,
+                proxy_auth=webhook.proxy_auth, payload=params.payload, multipart=params.multipart,
+                files=params.files)
+        message = webhook._create_message(data, thread=MISSING)
+        if view and not view.is_finished() and view.is_dispatchable():
+            webhook._state.store_view(view, message.id)
+        return message
