@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Delivery:
-    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
+    """Where a gallery goes: the interaction's original response while its token lives, else the channel. Every
+    message is Components V2 (a status, an error, a gallery), built by a `layout` from its text."""
 
     interaction: discord.Interaction
     expired: bool = False
@@ -39,24 +41,26 @@ class Delivery:
             log.warning("Could not update the /imagine response: %s", error)
         return None
 
-    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
+    async def send(self, text: str, files: list[discord.File], layout: Callable[[str], discord.ui.LayoutView],
                    first: bool) -> discord.Message:
+        """The first message replaces the original response; later ones are follow-ups. In the channel instead
+        (once the token is gone), the text starts with the requester's mention, who alone is pinged."""
         if first:
-            message = await self.edit(content=content, attachments=files, view=view)
+            message = await self.edit(view=layout(text), attachments=files)
             if message is not None:
                 return message
         elif not self.expired:
             try:
-                return await self.interaction.followup.send(content, files=files, wait=True)
+                return await self.interaction.followup.send(view=layout(text), files=files, wait=True)
             except discord.HTTPException as error:
                 log.warning("Follow-up failed (%s); posting in the channel instead", error)
         for file in files:
             file.reset()
-        mention, channel = self.interaction.user.mention, self.interaction.channel
+        user, channel = self.interaction.user, self.interaction.channel
         try:
             return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+                view=layout(f"{user.mention} {text}"), files=files,
+                allowed_mentions=discord.AllowedMentions(users=[user]),
             )
         except discord.Forbidden as error:  # say which permission to ask an admin for
             missing = missing_permission(channel, files=bool(files))
@@ -125,19 +129,22 @@ class InteractionOutput:
         except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
             log.debug("Streaming update failed: %s", error)
 
-    async def finish(self, chunks: list[str]) -> None:
+    async def finish(self, chunks: list[str], view: discord.ui.View | None = None) -> None:
+        """The answer in full; `view` (buttons) goes under its last chunk."""
         sent = 0
+        last = len(chunks) - 1
         try:
-            await self.interaction.edit_original_response(content=chunks[0])
+            await self.interaction.edit_original_response(content=chunks[0], view=view if last == 0 else None)
             sent = 1
-            for chunk in chunks[1:]:
-                await self.interaction.followup.send(chunk)
+            for index, chunk in enumerate(chunks[1:], 1):
+                await self.interaction.followup.send(chunk, view=view if index == last else MISSING)
                 sent += 1
         except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
             channel = self.interaction.channel
             mention = self.interaction.user.mention
-            for chunk in chunks[sent:]:
+            for index, chunk in enumerate(chunks[sent:], sent):
                 await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
+                                   view=view if index == last else MISSING,
                                    allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
 
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from bot.jobs import Origin
 from bot.client import SORRY, reply_privately
 from bot.errors import UserFacingError
+from bot.jobs import Origin
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
 from bot.requests import ImagineRequest, UpscaleRequest
 from bot.store import Gallery
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Lineage = tuple[int, int, str | None]  # a variation's gallery id, image index (0-based) and link to that gallery
 VARIATIONS = 4  # images a Vary draws
 BUTTONS_UP_TO = 4  # a message with more images offers a select menu instead of one button per image
 
@@ -146,7 +147,7 @@ class GalleryActions(commands.Cog):
                                                "please draw it again with /imagine.")
         return tokens
 
-    async def lineage(self, gallery: Gallery) -> tuple[int, int, str | None] | None:
+    async def lineage(self, gallery: Gallery) -> Lineage | None:
         """(parent gallery, image index, link to its first message) of a variation gallery."""
         if gallery.parent_id is None or gallery.parent_index is None:
             return None
@@ -293,7 +294,7 @@ class GalleryActions(commands.Cog):
         """Reply to the gallery, pinging the presser; in the channel if replying is refused; None (and the
         presser told which permission is missing) if the bot cannot post there at all."""
         channel, user = interaction.channel, interaction.user
-        mentions = discord.AllowedMentions(users=[user])
+        mentions = discord.AllowedMentions(users=[user], replied_user=False)
         reference = interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
         for attempt in ([reference, None] if reference else [None]):
             file.reset()
