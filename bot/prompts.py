@@ -17,6 +17,7 @@ QUESTION = (
 _MARKER = re.compile(r"(?:^|(?<=\s))(?:\*\*|__)?(?:prompt\s*)?#?[1-9](?:\*\*|__)?\s*[.):\]-](?:\*\*|__)?\s+",
                      re.IGNORECASE | re.MULTILINE)
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word of at least two letters, in any script
+_QUESTION_WORDS = frozenset(word.casefold() for word in _WORD.findall(QUESTION))
 
 
 def parse_prompts(answer: str) -> list[str]:
@@ -50,8 +51,11 @@ def clean_prompt(text: str) -> str:
 
 
 def looks_like_prompt(text: str) -> bool:
-    """At least three words, and mostly letters and spaces: not a fragment, not token soup."""
-    if len(_WORD.findall(text)) < 3:
+    """At least three words, mostly letters and spaces, and not our question repeated: not a fragment, not token
+    soup, not an echo."""
+    words = [word.casefold() for word in _WORD.findall(text)]
+    if len(words) < 3:
         return False
+    echoed = sum(word in _QUESTION_WORDS for word in words)
     wordy = sum(char.isalpha() or char.isspace() or char in ",.'-" for char in text)
-    return wordy >= 0.85 * len(text)
+    return wordy >= 0.85 * len(text) and echoed < 0.6 * len(words)
