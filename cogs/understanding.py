@@ -238,10 +238,10 @@ class Understanding(commands.Cog):
     async def describe(self, interaction: discord.Interaction, image: discord.Attachment,
                        question: app_commands.Range[str, 1, 2000] | None = None) -> None:
         """Ask Janus about an image, or have it write prompts that could draw it."""
-        if question := clean_text(question or ""):
-            await self.answer_interaction(interaction, [image], question)
-        else:
+        if question is None:
             await self.write_prompts(interaction, image)
+        else:  # a question of only invisible characters: describe it
+            await self.answer_interaction(interaction, [image], clean_text(question) or DESCRIBE)
 
     async def write_prompts(self, interaction: discord.Interaction, attachment: discord.Attachment) -> None:
         """Up to four short prompts that could draw the image, numbered, each with an "Imagine n" button; one
