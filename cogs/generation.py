@@ -18,9 +18,8 @@ from PIL import Image
 from bot.client import acknowledge, reply_privately
 from bot.delivery import Delivery, ResumedInteraction
 from bot.errors import UserFacingError
-from bot.executor import Job
 from bot.images import encode_png
-from bot.jobs import Charge, Origin
+from bot.jobs import Job, Origin
 from bot.media import clean_text, image_files, quote, upload_limit
 from bot.requests import Drawing, ImagineRequest
 from bot.store import Gallery
@@ -95,16 +94,16 @@ class Generation(commands.Cog):
         try:
             drawings = await self.follow(job, request, delivery)
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+            if job.elsewhere:  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
             return
         except BaseException:
-            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+            if not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, drawings, delivery, note=getattr(job, "note", None), parent=parent)
+        await self.deliver(interaction, request, drawings, delivery, note=job.note, parent=parent)
 
     async def follow(self, job: Job[list[Drawing]], request: ImagineRequest,
                      delivery: Delivery) -> list[Drawing]:
@@ -169,9 +168,7 @@ class Generation(commands.Cog):
     # ---- jobs that outlived a restart of the bot (EXECUTOR=redis) -------------------------------------
 
     async def cog_load(self) -> None:
-        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
-        if reattach is not None:
-            await reattach(self.deliver_reattached)
+        await self.bot.backend.reattach("imagine", self.deliver_reattached)  # jobs that outlived a restart
 
     async def deliver_reattached(self, job: Job[list[Drawing]], request: ImagineRequest,
                                  origin: Origin) -> None:
@@ -180,17 +177,16 @@ class Generation(commands.Cog):
         asked in, mentioning whoever asked. A job that fails is refunded."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
         delivery = Delivery(resumed, expired=resumed.expired)  # type: ignore[arg-type]
-        charge: Charge | None = getattr(job, "charge", None)
         try:
             drawings = await self.follow(job, request, delivery)
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+            if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
-            if charge is not None:
-                await self.bot.store.refund(charge)
+            if job.charge is not None:
+                await self.bot.store.refund(job.charge)
             await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
             return
-        await self.deliver(resumed, request, drawings, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
+        await self.deliver(resumed, request, drawings, delivery, note=job.note)  # type: ignore[arg-type]
 
 
 def status_text(job: Job[Any], request: ImagineRequest) -> str:

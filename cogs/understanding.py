@@ -17,8 +17,7 @@ from bot import prompts
 from bot.client import SORRY, acknowledge, reply_privately
 from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction
 from bot.errors import UserFacingError
-from bot.executor import Job
-from bot.jobs import Charge, Origin
+from bot.jobs import Charge, Job, Origin
 from bot.media import (
     check_attachment,
     clean_text,
@@ -55,9 +54,7 @@ class Understanding(commands.Cog):
         bot.tree.add_command(self.ask_menu)
 
     async def cog_load(self) -> None:
-        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
-        if reattach is not None:
-            await reattach(self.deliver_reattached, kind="ask")
+        await self.bot.backend.reattach("ask", self.deliver_reattached)  # questions that outlived a restart
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.ask_menu.name, type=self.ask_menu.type)
@@ -73,18 +70,18 @@ class Understanding(commands.Cog):
         process: a restarted bot answers it at `origin` (see `deliver_reattached`), and refunds it if it fails."""
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
-        job = None
+        job: Job[str] | None = None
         try:  # queued before any await: see Quota.admit
             job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
             async with output.working():
                 answer = await self.stream(job, output)
         except UserFacingError:
-            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             raise
         except BaseException:
-            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
         await output.finish(split_message(answer) or [NO_ANSWER])
@@ -115,14 +112,13 @@ class Understanding(commands.Cog):
                 output = ReplyOutput(await resumed.channel.fetch_message(origin.message_id))
             except discord.HTTPException as error:  # deleted meanwhile, or unreadable: the channel will do
                 log.info("Cannot reply to message %s any more: %s", origin.message_id, error)
-        charge: Charge | None = getattr(job, "charge", None)
         try:
             answer = await self.stream(job, output)
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+            if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
-            if charge is not None:
-                await self.bot.store.refund(charge)
+            if job.charge is not None:
+                await self.bot.store.refund(job.charge)
             await output.finish([str(error)])
             return
         await output.finish(split_message(answer) or [NO_ANSWER])

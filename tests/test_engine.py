@@ -403,7 +403,7 @@ def test_batched_questions_stream_each_its_own_answer(engine: JanusEngine) -> No
         assert progress and progress[-1].preview == answer
 
 
-async def test_questions_waiting_together_are_answered_in_one_batch(studio) -> None:
+async def test_questions_waiting_together_are_answered_in_one_batch(studio, settings) -> None:
     """The backend batches questions that wait in the queue at the same time, each keeping its answer."""
     import threading
 
@@ -419,7 +419,7 @@ async def test_questions_waiting_together_are_answered_in_one_batch(studio) -> N
 
     gate = threading.Event()
     async with GpuExecutor(8) as executor:
-        backend = LocalBackend(executor, Counting)
+        backend = LocalBackend(executor, Counting, settings)
         held = executor.submit(lambda _report: gate.wait(5))  # hold the GPU while three questions queue
         jobs = [backend.ask(question, owner=i) for i, question in enumerate(QUESTIONS[:3])]
         gate.set()

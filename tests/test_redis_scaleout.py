@@ -289,10 +289,10 @@ async def test_a_restarted_bot_reattaches_and_delivers_exactly_once(procs, setti
         delivered.append((job.id, request, origin, await job))
 
     async with RedisBackend.connect(settings) as restarted:
-        assert await restarted.reattach(deliver) == 1
+        assert await restarted.reattach("imagine", deliver) == 1
         await until(lambda: delivered, 20, "the re-attached job's delivery")
     async with RedisBackend.connect(settings) as again:
-        assert await again.reattach(deliver) == 0  # delivered once: nothing left to re-attach
+        assert await again.reattach("imagine", deliver) == 0  # delivered once: nothing left to re-attach
 
     [(delivered_id, request, origin, drawings)] = delivered
     assert (delivered_id, request.prompt, origin) == (job_id, prompt, Origin(11, 22))
@@ -314,9 +314,10 @@ async def make_redis_bot(settings: Settings, redis_url: str,
     async def make() -> JanusBot:
         current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
         store = await UsageStore.connect(current.database_path)
-        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), shard_count=1)
-        bot.backend = RedisBackend(wire.connect(redis_url), current)
-        made.append((bot, bot.backend))
+        backend = RedisBackend(wire.connect(redis_url), current)
+        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), backend=backend,
+                       shard_count=1)
+        made.append((bot, backend))
         return bot
 
     yield make
