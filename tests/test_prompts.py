@@ -10,13 +10,13 @@ from bot.prompts import MAX_PROMPT_CHARS, QUESTION, parse_prompts
 @pytest.mark.parametrize("answer", [
     "1. a red fox in snow\n2. a small fox sleeping\n3. foxes playing in winter\n4. a fox, oil painting",
     "1) a red fox in snow\n2) a small fox sleeping\n3) foxes playing in winter\n4) a fox, oil painting",
-    "Sure! Here are four:\n\n**1.** a red fox in snow\n**2.** a small fox sleeping\n"
-    "**3.** foxes playing in winter\n**4.** a fox, oil painting\n\nEnjoy!",
-    "Prompt 1: \"a red fox in snow\"\nPrompt 2: 'a small fox sleeping'\nPrompt 3: foxes playing in winter\n"
-    "Prompt 4: a fox, oil painting",
+    ("Sure! Here are four:\n\n**1.** a red fox in snow\n**2.** a small fox sleeping\n"
+     "**3.** foxes playing in winter\n**4.** a fox, oil painting\n\nEnjoy!"),
+    ("Prompt 1: \"a red fox in snow\"\nPrompt 2: 'a small fox sleeping'\nPrompt 3: foxes playing in winter\n"
+     "Prompt 4: a fox, oil painting"),
     "1. a red fox in snow 2. a small fox sleeping 3. foxes playing in winter 4. a fox, oil painting",
-    "1 - a red fox in snow\n2 - a small fox sleeping\n3 - foxes playing in winter\n4 - a fox, oil painting\n"
-    "5 - one more than asked for",
+    ("1 - a red fox in snow\n2 - a small fox sleeping\n3 - foxes playing in winter\n4 - a fox, oil painting\n"
+     "5 - one more than asked for"),
 ])
 def test_numbered_lists_in_the_usual_formats(answer: str) -> None:
     assert parse_prompts(answer) == ["a red fox in snow", "a small fox sleeping", "foxes playing in winter",
