@@ -139,17 +139,19 @@ class UsageStore:
     async def save_gallery(self, gallery: Gallery, tokens: Sequence[Sequence[int]] = ()) -> int:
         """Remember a gallery and each image's tokens; returns its id (what its buttons carry)."""
         async with self._transaction() as db:
-            cursor = await db.execute(
+            async with db.execute(
                 "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, "
                 "parent_id, parent_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (gallery.guild_id, gallery.requester_id, gallery.prompt, gallery.count, gallery.guidance,
                  gallery.temperature, gallery.seed, pack_tokens(gallery.keep), gallery.parent_id,
                  gallery.parent_index),
-            )
-            gallery_id = int(cursor.lastrowid or 0)
-            await db.executemany("INSERT INTO gallery_images (gallery_id, idx, tokens) VALUES (?, ?, ?)",
-                                 [(gallery_id, index, pack_tokens(row)) for index, row in enumerate(tokens)])
-            return gallery_id
+            ) as cursor:
+                gallery_id = int(cursor.lastrowid or 0)
+            async with db.executemany(
+                "INSERT INTO gallery_images (gallery_id, idx, tokens) VALUES (?, ?, ?)",
+                [(gallery_id, index, pack_tokens(row)) for index, row in enumerate(tokens)],
+            ):
+                return gallery_id
 
     async def gallery(self, gallery_id: int) -> Gallery | None:
         async with self._transaction("BEGIN") as db:
@@ -171,9 +173,11 @@ class UsageStore:
     async def add_gallery_messages(self, gallery_id: int, channel_id: int, message_ids: Sequence[int]) -> None:
         """Remember the messages (in one channel) a gallery was posted in."""
         async with self._transaction() as db:
-            await db.executemany(
+            async with db.executemany(
                 "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING", [(gallery_id, channel_id, message_id) for message_id in message_ids])
+                "ON CONFLICT DO NOTHING", [(gallery_id, channel_id, message_id) for message_id in message_ids],
+            ):
+                pass
 
     async def gallery_messages(self, gallery_id: int) -> list[tuple[int, int]]:
         """(channel id, message id) of each message a gallery was posted in, oldest first."""
@@ -190,10 +194,11 @@ class UsageStore:
         async with self._transaction() as db:
             ids = []
             for prompt in prompts:
-                cursor = await db.execute(
+                async with db.execute(
                     "INSERT INTO suggested_prompts (guild_id, requester_id, prompt) VALUES (?, ?, ?)",
-                    (guild_id, requester_id, prompt))
-                ids.append(int(cursor.lastrowid or 0))
+                    (guild_id, requester_id, prompt),
+                ) as cursor:
+                    ids.append(int(cursor.lastrowid or 0))
             return ids
 
     async def suggested_prompt(self, prompt_id: int) -> str | None:
