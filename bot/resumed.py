@@ -7,7 +7,9 @@ is shown and delivered by the same code as a live one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import discord
@@ -15,6 +17,40 @@ from discord.utils import MISSING
 from discord.webhook.async_ import async_context, handle_message_parameters
 
 from bot.backends import Origin
+
+log = logging.getLogger(__name__)
+
+# Discord's answers to a token it will never take again: 404 Unknown Webhook / Unknown Interaction before it
+# was used, and, 15 minutes after the interaction, 401 Invalid Webhook Token. Each refusal counts against the
+# bot's IP (10,000 invalid requests in 10 minutes ban it), so a token is dropped after the first.
+DEAD_TOKEN_CODES = frozenset({10015, 10062, 50027})
+
+
+def token_refused(error: discord.HTTPException) -> bool:
+    """Whether `error` says the interaction's token is dead (unknown or expired), not a passing failure."""
+    return error.status in (401, 404) or error.code in DEAD_TOKEN_CODES
+
+
+@dataclass
+class TokenLife:
+    """Whether an interaction's token may still be used: young enough, and never refused by Discord."""
+
+    created_at: datetime
+    max_seconds: float
+    dead: bool = False
+
+    @property
+    def alive(self) -> bool:
+        if not self.dead and (discord.utils.utcnow() - self.created_at).total_seconds() >= self.max_seconds:
+            log.info("An interaction token is %.0f s old; posting in the channel from now on", self.max_seconds)
+            self.dead = True
+        return not self.dead
+
+    def refused(self, error: discord.HTTPException) -> bool:
+        """Note Discord's refusal; True (and the token is dropped) when it means the token is dead."""
+        if token_refused(error):
+            self.dead = True
+        return self.dead
 
 
 @dataclass
@@ -24,6 +60,7 @@ class ResumedInteraction:
     guild_id: int | None
     guild: discord.Guild | None
     followup: discord.Webhook | None  # None without a token: nothing to edit, everything goes to the channel
+    created_at: datetime = field(default_factory=discord.utils.utcnow)  # the interaction's: its token's age
 
     @classmethod
     async def of(cls, bot: discord.Client, origin: Origin, owner: int) -> ResumedInteraction:
@@ -34,8 +71,9 @@ class ResumedInteraction:
         webhook = None
         if origin.application_id and origin.token:
             webhook = discord.Webhook.partial(origin.application_id, origin.token, client=bot)
+        created = datetime.fromtimestamp(origin.created_at, UTC) if origin.created_at else discord.utils.utcnow()
         return cls(user, channel, guild_id, bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
-                   webhook)
+                   webhook, created)
 
     @property
     def expired(self) -> bool:

@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +18,14 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.backends import Origin
-from bot.client import acknowledge, reply_privately
+from bot.client import SORRY, acknowledge, reply_privately
 from bot.errors import UserFacingError
 from bot.executor import Job
 from bot.images import encode_png
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
+from bot.places import member_contexts, pin
 from bot.requests import ImagineRequest
-from bot.resumed import ResumedInteraction
+from bot.resumed import ResumedInteraction, TokenLife
 from bot.store import Charge, Gallery
 
 if TYPE_CHECKING:
@@ -32,25 +34,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 256  # px of each preview tile in the status message
-UNKNOWN_INTERACTION = (10015, 10062)  # Discord's codes for an expired interaction token
 
 
 @dataclass
 class Delivery:
-    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
+    """Where a gallery goes: the interaction's original response while its token lives (young enough, never
+    refused), else the channel."""
 
     interaction: discord.Interaction
-    expired: bool = False
+    token: TokenLife
 
     async def edit(self, **fields: Any) -> discord.Message | None:
-        if self.expired:
+        if not self.token.alive:
             return None
         try:
             return await self.interaction.edit_original_response(**fields)
-        except discord.NotFound:
-            self.expired = True
         except discord.HTTPException as error:
-            log.warning("Could not update the /imagine response: %s", error)
+            if not self.token.refused(error):
+                log.warning("Could not update the /imagine response: %s", error)
         return None
 
     async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
@@ -59,17 +60,18 @@ class Delivery:
             message = await self.edit(content=content, attachments=files, view=view)
             if message is not None:
                 return message
-        elif not self.expired:
+        elif self.token.alive:
             try:
                 return await self.interaction.followup.send(content, files=files, wait=True)
             except discord.HTTPException as error:
+                self.token.refused(error)
                 log.warning("Follow-up failed (%s); posting in the channel instead", error)
         for file in files:
             file.reset()
         mention, channel = self.interaction.user.mention, self.interaction.channel
         try:
             return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
+                f"{mention} {content}", files=files, view=view or discord.utils.MISSING,
                 allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
             )
         except discord.Forbidden as error:  # say which permission to ask an admin for
@@ -84,6 +86,10 @@ class Generation(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        pin(self.imagine, contexts=member_contexts(bot.settings.allow_dms))
+
+    def token_of(self, interaction: discord.Interaction, *, dead: bool = False) -> TokenLife:
+        return TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds, dead=dead)
 
     @app_commands.command()
     @app_commands.describe(
@@ -111,7 +117,8 @@ class Generation(commands.Cog):
         await self.run(interaction, request)
 
     async def run(self, interaction: discord.Interaction, request: ImagineRequest) -> None:
-        """Admit, queue, show progress and deliver one /imagine request (also used by Re-roll)."""
+        """Admit, queue, show progress and deliver one /imagine request (also used by Re-roll). Whatever goes
+        wrong once it is admitted, the member is told where they are looking and the charge is refunded."""
         if not request.prompt:
             await reply_privately(interaction, "Please tell me what to draw.")
             return
@@ -121,31 +128,46 @@ class Generation(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
+        delivery = Delivery(interaction, self.token_of(interaction))
+        job: Job[list[Image.Image]] | None = None
         try:
             # With a remote backend the job outlives this process: a restarted bot keeps editing this response
             # through the interaction's token, and refunds the charge if the job fails.
             origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token)
+                            interaction.token, created_at=interaction.created_at.timestamp())
             job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
-        except UserFacingError as error:
-            await self.bot.quota.refund(charge)
-            await reply_privately(interaction, str(error))
-            return
-        await acknowledge(interaction)
-        delivery = Delivery(interaction)
-        try:
+            self.bot.quota.queued(charge)
+            await acknowledge(interaction)
             images = await self.follow(job, request, delivery)
+            await self.deliver(interaction, request, images, delivery, note=getattr(job, "note", None))
         except UserFacingError as error:
             if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
-            await delivery.send(f"⚠️ {error}", [], None, first=True)
-            return
+            await self.tell(interaction, delivery, str(error))
+        except Exception:  # a bug or a failure between here and the engine: still an answer, and a refund
+            log.exception("/imagine for %s failed", interaction.user.id)
+            await self.bot.quota.refund(charge)
+            await self.tell(interaction, delivery, SORRY)
         except BaseException:
             if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, images, delivery, note=getattr(job, "note", None))
+        finally:
+            self.bot.quota.release(charge)
+
+    async def tell(self, interaction: discord.Interaction, delivery: Delivery, text: str) -> None:
+        """Say why a request ended without images where its member looks: before it was acknowledged,
+        privately; then in the status message, else in the channel, else (while the token lives) privately."""
+        if not interaction.response.is_done():
+            await reply_privately(interaction, text)
+            return
+        try:
+            await delivery.send(f"⚠️ {text}", [], None, first=True)
+        except (UserFacingError, discord.HTTPException) as error:
+            log.warning("Could not tell %s why their /imagine ended (%s): %s", interaction.user, error, text)
+            if delivery.token.alive:
+                await reply_privately(interaction, f"⚠️ {text}")
 
     async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
                      delivery: Delivery) -> list[Image.Image]:
@@ -201,18 +223,20 @@ class Generation(commands.Cog):
         gallery go into the original response while the interaction's token lives, else to the channel it was
         asked in, mentioning whoever asked. A job that fails is refunded."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
-        delivery = Delivery(resumed, expired=resumed.expired)  # type: ignore[arg-type]
+        delivery = Delivery(resumed, self.token_of(resumed, dead=resumed.expired))  # type: ignore[arg-type]
         charge: Charge | None = getattr(job, "charge", None)
         try:
             images = await self.follow(job, request, delivery)
+            await self.deliver(resumed, request, images, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
         except UserFacingError as error:
             if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
                 return
             if charge is not None:
                 await self.bot.store.refund(charge)
-            await delivery.send(f"⚠️ {error}", [], None, first=True)
-            return
-        await self.deliver(resumed, request, images, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
+            try:
+                await delivery.send(f"⚠️ {error}", [], None, first=True)
+            except (UserFacingError, discord.HTTPException) as failure:
+                log.warning("Could not tell %s why their /imagine ended (%s): %s", resumed.user, failure, error)
 
     # ---- buttons ---------------------------------------------------------------------------------------
 
@@ -296,7 +320,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:r
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await generation_cog(interaction).reroll(interaction, self.gallery_id)
+        await pressed(interaction, generation_cog(interaction).reroll(interaction, self.gallery_id))
 
 
 class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:delete:(?P<gallery>\d+)"):
@@ -311,7 +335,7 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:d
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await generation_cog(interaction).delete(interaction, self.gallery_id)
+        await pressed(interaction, generation_cog(interaction).delete(interaction, self.gallery_id))
 
 
 class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"janus:describe:(?P<gallery>\d+):(?P<n>\d+)"):
@@ -326,7 +350,7 @@ class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"janus
         return cls(int(match["gallery"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await generation_cog(interaction).describe(interaction, int(self.item.values[0]))
+        await pressed(interaction, generation_cog(interaction).describe(interaction, int(self.item.values[0])))
 
 
 class GalleryView(discord.ui.View):
@@ -337,6 +361,18 @@ class GalleryView(discord.ui.View):
         self.add_item(RerollButton(gallery_id))
         self.add_item(DeleteButton(gallery_id))
         self.add_item(DescribeSelect(gallery_id, count))
+
+
+async def pressed(interaction: discord.Interaction, action: Awaitable[None]) -> None:
+    """Run a button's or menu's action. discord.py only logs what a dynamic item raises, so what goes wrong is
+    told to whoever pressed it here."""
+    try:
+        await action
+    except UserFacingError as error:
+        await reply_privately(interaction, str(error))
+    except Exception:
+        log.exception("A button or menu under message %s failed", interaction.message and interaction.message.id)
+        await reply_privately(interaction, SORRY)
 
 
 def generation_cog(interaction: discord.Interaction) -> Generation:

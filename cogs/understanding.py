@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -18,9 +19,18 @@ from bot.backends import Origin
 from bot.client import SORRY, acknowledge, reply_privately
 from bot.errors import UserFacingError
 from bot.executor import Job
-from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
+from bot.media import (
+    check_attachment,
+    clean_text,
+    is_image,
+    missing_permission,
+    read_images,
+    split_message,
+    with_prefix,
+)
+from bot.places import member_contexts, pin
 from bot.requests import AskRequest, Turn
-from bot.resumed import ResumedInteraction
+from bot.resumed import ResumedInteraction, TokenLife
 from bot.store import Charge
 
 if TYPE_CHECKING:
@@ -64,7 +74,13 @@ class ReplyOutput:
 
     async def finish(self, chunks: list[str]) -> None:
         first, *rest = chunks
-        previous = await self._final_first(first)
+        try:
+            previous = await self._final_first(first)
+        except discord.HTTPException:  # e.g. the question was deleted meanwhile: to the channel, mentioning
+            author = self.message.author
+            for part in with_prefix(author.mention, chunks):
+                await self.message.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[author]))
+            return
         for chunk in rest:
             previous = await previous.reply(chunk, mention_author=False)
 
@@ -74,42 +90,43 @@ class ReplyOutput:
                 return await self.reply.edit(content=text)
             except discord.HTTPException:
                 log.warning("Could not edit the streamed reply; sending the answer anew")
-        try:
-            return await self.message.reply(text)
-        except discord.HTTPException:  # e.g. the question was deleted meanwhile
-            return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
-                                                   allowed_mentions=discord.AllowedMentions(users=[self.message.author]))
+        return await self.message.reply(text)
 
 
 class InteractionOutput:
-    """Streams into a deferred interaction's original response; further chunks are follow-ups."""
+    """Streams into a deferred interaction's original response while its token lives (young enough, never
+    refused); further chunks are follow-ups; what the token can no longer carry goes to the channel."""
 
-    def __init__(self, interaction: discord.Interaction) -> None:
-        self.interaction = interaction
+    def __init__(self, interaction: discord.Interaction, token: TokenLife) -> None:
+        self.interaction, self.token = interaction, token
 
     def working(self) -> contextlib.AbstractAsyncContextManager[object]:
         return contextlib.nullcontext()  # the deferred "thinking…" response already says so
 
     async def show(self, text: str) -> None:
+        if not self.token.alive:
+            return
         try:
             await self.interaction.edit_original_response(content=text)
-        except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
+        except discord.HTTPException as error:
+            self.token.refused(error)
             log.debug("Streaming update failed: %s", error)
 
     async def finish(self, chunks: list[str]) -> None:
         sent = 0
         try:
-            await self.interaction.edit_original_response(content=chunks[0])
-            sent = 1
-            for chunk in chunks[1:]:
-                await self.interaction.followup.send(chunk)
+            if self.token.alive:
+                await self.interaction.edit_original_response(content=chunks[0])
+                sent = 1
+            while sent < len(chunks) and self.token.alive:
+                await self.interaction.followup.send(chunks[sent])
                 sent += 1
-        except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
-            channel = self.interaction.channel
-            mention = self.interaction.user.mention
-            for chunk in chunks[sent:]:
-                await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
-                                   allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
+        except discord.HTTPException as error:  # the token is dead, or Discord failed: to the channel
+            self.token.refused(error)
+            log.warning("Could not answer through the interaction (%s); posting in the channel", error)
+        user = self.interaction.user
+        for part in with_prefix(user.mention, chunks[sent:]):
+            await self.interaction.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[user]))  # type: ignore[union-attr]
 
 
 class Understanding(commands.Cog):
@@ -117,8 +134,15 @@ class Understanding(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        self.decoding = asyncio.Semaphore(bot.settings.decode_concurrency)  # images downloaded and decoded at once
         self.ask_menu = app_commands.ContextMenu(name="Ask Janus", callback=self.ask_about_message)
+        for command in (self.describe, self.ask_menu):
+            pin(command, contexts=member_contexts(bot.settings.allow_dms))
         bot.tree.add_command(self.ask_menu)
+
+    def output_for(self, interaction: discord.Interaction, *, dead: bool = False) -> InteractionOutput:
+        token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds, dead=dead)
+        return InteractionOutput(interaction, token)
 
     async def cog_load(self) -> None:
         reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
@@ -140,8 +164,9 @@ class Understanding(commands.Cog):
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
         job = None
-        try:  # queued before any await: see Quota.admit
+        try:
             job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
+            self.bot.quota.queued(charge)
             async with output.working():
                 answer = await self.stream(job, output)
         except UserFacingError:
@@ -153,7 +178,11 @@ class Understanding(commands.Cog):
             if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await output.finish(split_message(answer) or [NO_ANSWER])
+        try:
+            await output.finish(split_message(answer) or [NO_ANSWER])
+        except BaseException:
+            await self.bot.quota.refund(charge)  # an answer the member never got is not counted
+            raise
         await self.bot.quota.report("ask", guild=guild, channel=channel, user=user, text=question, answer=answer)
 
     async def stream(self, job: Job[str], output: AnswerOutput) -> str:
@@ -175,7 +204,7 @@ class Understanding(commands.Cog):
         to the member's message, or into the original interaction response while its token lives; else in the
         channel it was asked in, mentioning whoever asked. A question that fails is refunded and told."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
-        output: AnswerOutput = InteractionOutput(resumed)  # type: ignore[arg-type]
+        output: AnswerOutput = self.output_for(resumed, dead=resumed.expired)  # type: ignore[arg-type]
         if origin.message_id:
             try:
                 output = ReplyOutput(await resumed.channel.fetch_message(origin.message_id))
@@ -205,11 +234,20 @@ class Understanding(commands.Cog):
             log.warning("Not answering %s in #%s of server %s: I lack the %s permission there", message.author,
                         message.channel, message.guild and message.guild.id, missing)
             return
-        try:
-            question, images, history = await self.read_conversation(message)
+        try:  # admitted (limits, cooldown, channel, queue) before anything is downloaded or fetched
             charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
-                                                user=message.author, text=question,
-                                                typed=self.strip_mention(message.content))  # not what it quotes
+                                                user=message.author, text=self.strip_mention(message.content))
+        except UserFacingError as error:
+            await self.tell(message, str(error))
+            return
+        try:
+            try:
+                question, images, history = await self.read_conversation(message)
+                await self.bot.quota.moderate("ask", [question, *(turn.text for turn in history)],  # all it reads
+                                              guild=message.guild, channel=message.channel, user=message.author)
+            except BaseException:
+                await self.bot.quota.refund(charge)
+                raise
             origin = Origin(message.guild.id if message.guild else 0, message.channel.id, message_id=message.id)
             await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
                               channel=message.channel, question=question, images=images, history=history,
@@ -219,6 +257,8 @@ class Understanding(commands.Cog):
         except Exception:  # the member must hear back even when something unexpected broke
             log.exception("Answering message %s failed", message.id)
             await self.tell(message, SORRY)
+        finally:
+            self.bot.quota.release(charge)
 
     async def tell(self, message: discord.Message, text: str) -> None:
         try:
@@ -242,14 +282,16 @@ class Understanding(commands.Cog):
         """The question, its images and, for a reply chain with the bot, the earlier turns."""
         question = self.strip_mention(message.content)
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
-        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
+        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                   decoding=self.decoding)
         history: list[Turn] = []
         replied = await self.resolve(message)
         if replied is not None and self.bot.user and replied.author.id == self.bot.user.id:
             history = await self.earlier_turns(replied)
         elif replied is not None:  # a question about someone else's message
             pictures = [a for a in replied.attachments if is_image(a)]
-            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES) + images
+            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                       decoding=self.decoding) + images
             if not pictures and replied.content:
                 question = f'About this message: "{clean_text(replied.content)[:1000]}"\n\n{question}'.strip()
         if not question:
@@ -271,7 +313,7 @@ class Understanding(commands.Cog):
             else:
                 pictures = [a for a in current.attachments if is_image(a)][:budget]
                 try:
-                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget)
+                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget, decoding=self.decoding)
                 except UserFacingError:
                     images = []
                 budget -= len(images)
@@ -315,7 +357,8 @@ class Understanding(commands.Cog):
 
     async def answer_interaction(self, interaction: discord.Interaction, attachments: list[discord.Attachment],
                                  question: str) -> None:
-        """The interaction flavour: refusals are ephemeral, the answer is public."""
+        """The interaction flavour: refusals are ephemeral, the answer is public. Whatever goes wrong once the
+        request is admitted, the member is told in the response and the charge is refunded."""
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
         try:
             for attachment in attachments[:MAX_IMAGES]:
@@ -325,21 +368,27 @@ class Understanding(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
-        await acknowledge(interaction)
+        output = self.output_for(interaction)
         try:
-            images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
-        except UserFacingError as error:  # unreadable once downloaded; a public "thinking" message can't turn private
-            await self.bot.quota.refund(charge)
-            await InteractionOutput(interaction).finish([str(error)])
-            return
-        origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                        interaction.token)
-        try:
-            await self.answer(InteractionOutput(interaction), charge, user=interaction.user,
-                              guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+            await acknowledge(interaction)
+            try:
+                images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                           decoding=self.decoding)
+            except BaseException:  # unreadable once downloaded: a public "thinking" message can't turn private
+                await self.bot.quota.refund(charge)
+                raise
+            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                            interaction.token, created_at=interaction.created_at.timestamp())
+            await self.answer(output, charge, user=interaction.user, guild=interaction.guild,
+                              channel=interaction.channel,  # type: ignore[arg-type]
                               question=question, images=images, origin=origin)
         except UserFacingError as error:
-            await InteractionOutput(interaction).finish([str(error)])
+            await output.finish([str(error)])
+        except Exception:  # a bug or a failure between here and the engine: still an answer
+            log.exception("Answering %s's question failed", interaction.user.id)
+            await output.finish([SORRY])
+        finally:
+            self.bot.quota.release(charge)
 
 
 class AskModal(discord.ui.Modal, title="Ask Janus"):
