@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     from bot.cli import ask, imagine
-    from bot.studio import StartupError
+    from bot.errors import StartupError
 
     try:
         if args.command == "ask":
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                         guidance=args.guidance, temperature=args.temperature))
             print("\n".join(str(path) for path in paths))
         elif args.command == "worker":
-            from bot.worker import run_worker
+            from bot.redis.worker import run_worker
 
             return asyncio.run(run_worker(settings))
         else:

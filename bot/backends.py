@@ -1,60 +1,85 @@
-"""Where the cogs' model jobs run. The default runs them in this process on the GPU thread; the same two calls
-can be served by GPU workers elsewhere (bot/redis_backend.py). Cogs only ever see `Job`s."""
+"""Where the cogs' model jobs run: the one `Backend` protocol, and local mode, which runs them in this process on
+the GPU thread. With EXECUTOR=redis, GPU workers elsewhere serve the same protocol (bot/redis/). Cogs, the
+client, /status and the metrics only ever see a `Backend` and `bot.jobs.Job`s."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import os
+import socket
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from PIL import Image
+from bot.errors import QueueFull
+from bot.executor import GpuExecutor
+from bot.jobs import Charge, Job, JobKind, Origin, Reporter
+from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.settings import Settings
+from bot.status import BackendStatus, WorkerStatus
 
-from bot.executor import GpuExecutor, Job, Reporter
-from bot.requests import AskRequest, ImagineRequest
-from bot.store import Charge
+NOT_ACCEPTING = "The bot is not taking new requests right now (it may be restarting)."
 
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a request was made, so that a restarted bot can still post its result there (EXECUTOR=redis).
-    With the interaction's application id and token (valid 15 minutes), it can also keep editing the original
-    response; the token is a credential: it is never shown in a repr, and Redis keeps it only as long as the
-    job's other keys. A question asked in a message keeps that message's id, to answer it in a reply."""
-
-    guild_id: int
-    channel_id: int
-    application_id: int = 0
-    token: str = field(default="", repr=False)
-    message_id: int = 0
-    created_at: float = 0.0  # when the interaction was made (POSIX seconds): its token dies 15 minutes later
+# How a cog shows and delivers a job an earlier run of the bot was waiting for: (job, its request, its origin).
+Deliver = Callable[[Job[Any], Any, Origin], Coroutine[Any, Any, None]]
 
 
 class Backend(Protocol):
-    """What the cogs need from whatever runs the model."""
-
-    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
-            charge: Charge | None = None) -> Job[str]: ...
-    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[list[Image.Image]]: ...
-    def jobs_of(self, owner: int) -> int: ...
-
-
-class LocalBackend:
-    """Jobs on this process's GPU thread, through the executor's queue (imagine requests batch together).
-    `origin` and `charge` matter only to a backend whose jobs outlive the bot; here they die with it."""
-
-    def __init__(self, executor: GpuExecutor, studio: Callable[[], Any]) -> None:
-        self.executor = executor
-        self.studio = studio  # read when a job runs, so jobs may queue while the model is still loading
+    """Everything the cogs, the client, /status and the metrics need from whatever runs the model."""
 
     def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
             charge: Charge | None = None) -> Job[str]:
-        return self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
+        """Queue a question (raises QueueFull, or another UserFacingError, when it cannot be taken).
+        `origin` and `charge` let a later run of the bot deliver or refund it, where jobs outlive the bot."""
+        ...
 
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[list[Image.Image]]:
-        return self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
-                                            owner=owner)
+                charge: Charge | None = None) -> Job[list[Drawing]]:
+        """Queue a gallery, as `ask` does."""
+        ...
+
+    async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
+        """Follow again the jobs of `kind` an earlier run of the bot was waiting for, calling `deliver` at once
+        for each (their `charge` is set); returns how many. Where jobs die with the bot there are none."""
+        ...
+
+    def jobs_of(self, owner: int) -> int:
+        """How many of this member's jobs are waiting or running."""
+        ...
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (shutdown); the jobs already queued go on."""
+        ...
+
+    async def status(self) -> BackendStatus:
+        """The queue's depth and the live workers' figures."""
+        ...
+
+
+class LocalBackend:
+    """Jobs on this process's GPU thread, through the executor's queue: requests of a kind that wait together
+    run as one batch. A GPU worker (bot/redis/worker.py) runs its jobs through this same class. `origin` and
+    `charge` are kept on the job only: here jobs die with the process."""
+
+    def __init__(self, executor: GpuExecutor, studio: Callable[[], Any], settings: Settings) -> None:
+        self.executor = executor
+        self.studio = studio  # read when a job runs, so jobs may queue while the model is still loading
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.accepting = True
+
+    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
+            charge: Charge | None = None) -> Job[str]:
+        self._check_accepting()
+        job = self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
+        job.origin, job.charge = origin, charge
+        return job
+
+    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[list[Drawing]]:
+        self._check_accepting()
+        job = self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
+                                           owner=owner)
+        job.origin, job.charge = origin, charge
+        return job
 
     def imagine_batch(self, requests: list[ImagineRequest], reports: list[Reporter]) -> list[Any]:
         """The batch runner (a bound method, so waiting requests batch together)."""
@@ -64,5 +89,38 @@ class LocalBackend:
         """Questions waiting together are answered in one left-padded batch."""
         return self.studio().ask_batch(requests, reports)
 
+    async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
+        return 0  # nothing outlives this process
+
     def jobs_of(self, owner: int) -> int:
         return self.executor.jobs_of(owner)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise QueueFull(NOT_ACCEPTING)
+
+    async def status(self) -> BackendStatus:
+        return self.snapshot()
+
+    def snapshot(self) -> BackendStatus:
+        """The figures, read without waiting (a worker publishes them from here too)."""
+        executor = self.executor
+        running = len(executor.running)
+        return BackendStatus(waiting=max(executor.depth - running, 0), running=running,
+                             workers=(self.worker_status(),), remote=False)
+
+    def worker_status(self) -> WorkerStatus:
+        """This process as a worker: its model, device, slots in use, jobs done and timings."""
+        studio = self.studio()
+        device: dict[str, Any] = studio.describe() if studio is not None else {}
+        busy = sum(job.weight for job in self.executor.running)
+        return WorkerStatus(
+            name=self.name, host=self.name.rpartition(":")[0], model=self.settings.janus_model,
+            device=str(device.get("device", self.settings.janus_device)),
+            dtype=str(device.get("dtype", self.settings.janus_dtype)),
+            loaded=studio is not None, gpu_memory_bytes=device.get("gpu_memory_bytes"),
+            slots=self.executor.max_batch, busy=busy, jobs_done=self.executor.jobs_done,
+            timings=self.executor.timings())

@@ -10,11 +10,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from bot.engine import AskRequest, ImagineRequest
-from bot.errors import BadAttachment
+from bot.errors import BadAttachment, StartupError
 from bot.executor import GpuExecutor, Job
 from bot.images import decode_image
 from bot.settings import Settings
-from bot.studio import StartupError, Studio
+from bot.studio import Studio
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -50,12 +50,12 @@ async def imagine(settings: Settings, prompt: str, out: Path, *, count: int, see
         request = ImagineRequest(prompt, count=count, guidance=guidance, temperature=temperature, seed=seed)
         job = executor.submit_batched(studio.imagine_batch, request, weight=count, kind="imagine")
         await show_progress(job, total=studio.engine.num_image_tokens, what=f"Drawing {count} image(s)")
-        images = await job
+        drawings = await job
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, image in enumerate(images):
+    for index, drawing in enumerate(drawings):
         path = out / f"{slug(prompt)}-{seed}-{index}.png"
-        await asyncio.to_thread(image.save, path)
+        await asyncio.to_thread(drawing.image.save, path)
         paths.append(path)
     return paths
 

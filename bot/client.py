@@ -14,8 +14,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.backends import Backend, LocalBackend
-from bot.errors import UserFacingError
-from bot.executor import GpuExecutor, Reporter
+from bot.errors import StartupError, UserFacingError
+from bot.executor import GpuExecutor
+from bot.jobs import Reporter
 from bot.quota import Quota
 from bot.settings import Settings
 from bot.store import UsageStore
@@ -41,10 +42,13 @@ def point_at_discord(settings: Settings) -> None:
 
 
 class JanusBot(commands.AutoShardedBot):
-    """The bot: settings, usage store, GPU executor and (once loaded) the model studio, shared by all cogs."""
+    """The bot: settings, usage store, the backend that runs its jobs, and for local mode the GPU executor and
+    (once loaded) the model studio, shared by all cogs."""
 
     def __init__(self, *, settings: Settings, store: UsageStore, executor: GpuExecutor,
-                 studio: Any | None = None, shard_count: int | None = None) -> None:
+                 backend: Backend | None = None, studio: Any | None = None,
+                 shard_count: int | None = None) -> None:
+        """`backend` runs the jobs: GPU workers through Redis, or by default this process's GPU thread."""
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=make_intents(),
@@ -54,7 +58,7 @@ class JanusBot(commands.AutoShardedBot):
         )
         point_at_discord(settings)
         self.settings, self.store, self.executor = settings, store, executor
-        self.backend: Backend = LocalBackend(executor, lambda: self.studio)
+        self.backend: Backend = backend or LocalBackend(executor, lambda: self.studio, settings)
         self.quota = Quota(self)
         self.studio = studio  # a bot.studio.Studio; loaded on the GPU thread in setup_hook when not given
         self.started_at = time.perf_counter()
@@ -87,7 +91,7 @@ class JanusBot(commands.AutoShardedBot):
 
     async def _load_studio(self) -> None:
         """Load the model as the executor's first job, so requests simply queue behind it."""
-        from bot.studio import StartupError, Studio
+        from bot.studio import Studio
 
         def load(_report: Reporter) -> None:
             # Assigned on the GPU thread itself, so the jobs queued behind the load see it at once.
@@ -125,9 +129,7 @@ class JanusBot(commands.AutoShardedBot):
         log.info("Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
                  grace, max(self.executor.depth - len(self.executor.running), 0))
         started = time.perf_counter()
-        stop_remote = getattr(self.backend, "stop_accepting", None)  # GPU workers elsewhere (EXECUTOR=redis)
-        if stop_remote is not None:
-            stop_remote()
+        self.backend.stop_accepting()
         await self.executor.close(grace=grace)
         serving = self.quota.in_flight - {asyncio.current_task()}
         if serving:  # results still being delivered and members being told need the connection and the store
@@ -157,8 +159,7 @@ async def acknowledge(interaction: discord.Interaction) -> None:
 
 async def run_bot(settings: Settings) -> int:
     """`python -m bot`: open the store and the executor, connect, and serve until stopped."""
-    from bot.redis_backend import open_backend
-    from bot.studio import StartupError
+    from bot.redis.backend import open_backend
 
     if settings.discord_token is None:
         raise StartupError("DISCORD_TOKEN is not set: copy your bot's token from the Discord Developer Portal "
@@ -169,9 +170,8 @@ async def run_bot(settings: Settings) -> int:
                     notify_interval=settings.status_update_seconds) as executor,
         open_backend(settings) as remote,  # None unless EXECUTOR=redis
     ):
-        bot = JanusBot(settings=settings, store=store, executor=executor)
-        if remote is not None:
-            bot.backend = remote  # GPU workers (python -m bot worker) run the jobs; none runs in this process
+        # With GPU workers (python -m bot worker) running the jobs, none runs in this process.
+        bot = JanusBot(settings=settings, store=store, executor=executor, backend=remote)
         if settings.metrics_port:
             from bot.metrics import serve_metrics
 

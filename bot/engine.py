@@ -22,9 +22,9 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from bot.executor import Progress, Reporter
 from bot.images import to_rgb
-from bot.requests import AskRequest, ImagineRequest, Turn  # defined without torch; re-exported here
+from bot.jobs import Progress, Reporter
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn  # defined without torch; re-exported here
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class ImageBatch:
     guidance: torch.Tensor  # [B, 1] float
     temperature: torch.Tensor  # [B, 1] float, 0 = greedy
     uniforms: torch.Tensor  # [B, n_img] float in [0, 1), drawn from each request's own seed
+    kept: torch.Tensor  # [B, n_img] long: tokens forced at the start of each row (ImagineRequest.keep)
+    kept_length: torch.Tensor  # [B] long: how many of them; 0 = none
     spans: list[slice] = field(default_factory=list)  # each request's rows among the B (filler rows follow)
 
 
@@ -232,6 +234,11 @@ class JanusEngine:
             torch.rand((r.count, self.num_image_tokens), generator=torch.Generator().manual_seed(r.seed))
             for r in requests
         ])
+        kept = torch.zeros((len(uniforms), self.num_image_tokens), dtype=torch.long)
+        kept_length = torch.zeros(len(uniforms), dtype=torch.long)
+        for span, r in zip(spans, real, strict=True):
+            kept[span, : len(r.keep)] = torch.tensor(self._checked_keep(r.keep), dtype=torch.long)
+            kept_length[span] = len(r.keep)
         per_row = lambda values: torch.tensor(values, dtype=torch.float32).repeat_interleave(counts)[:, None]  # noqa: E731
         return ImageBatch(
             input_ids=torch.cat([cond, uncond]).to(self.device),
@@ -239,8 +246,17 @@ class JanusEngine:
             guidance=per_row([r.guidance for r in requests]).to(self.device),
             temperature=per_row([r.temperature for r in requests]).to(self.device),
             uniforms=uniforms.to(self.device),
+            kept=kept.to(self.device),
+            kept_length=kept_length.to(self.device),
             spans=spans,
         )
+
+    def _checked_keep(self, keep: tuple[int, ...]) -> list[int]:
+        """Kept tokens must be image tokens of this model, at most one image's worth."""
+        vocabulary = self.model.config.vq_config.num_embeddings
+        if len(keep) > self.num_image_tokens or any(not 0 <= token < vocabulary for token in keep):
+            raise ValueError(f"keep: expected at most {self.num_image_tokens} image tokens in [0, {vocabulary})")
+        return list(keep)
 
     def _new_cache(self, max_length: int) -> DynamicCache | StaticCache:
         if self.static_cache:
@@ -266,7 +282,8 @@ class JanusEngine:
         cdf = torch.softmax(guided / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
         threshold = batch.uniforms[:, step : step + 1] * cdf[:, -1:]  # [B, 1]
         sampled = torch.searchsorted(cdf, threshold).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [B]
-        return torch.where(batch.temperature.squeeze(-1) > 0, sampled, greedy)
+        drawn = torch.where(batch.temperature.squeeze(-1) > 0, sampled, greedy)
+        return torch.where(step < batch.kept_length, batch.kept[:, step], drawn)  # kept tokens win
 
     @torch.inference_mode()
     def generate_tokens(self, batch: ImageBatch, reports: Sequence[Reporter] = ()) -> torch.Tensor:
@@ -329,12 +346,13 @@ class JanusEngine:
         return [Image.fromarray(array) for array in rgb]
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter] = ()) -> list[list[Image.Image]]:
+                      reports: Sequence[Reporter] = ()) -> list[list[Drawing]]:
         """Draw every request's images in one loop; each request gets the images it would get alone."""
         batch = self.prepare_batch(requests)
-        tokens = self.generate_tokens(batch, reports)
-        images = self.decode(tokens[: batch.spans[-1].stop])  # filler rows (static cache) are not decoded
-        return [images[span] for span in batch.spans]
+        tokens = self.generate_tokens(batch, reports)[: batch.spans[-1].stop]  # filler rows are not decoded
+        drawings = [Drawing(image, tuple(row)) for image, row in zip(self.decode(tokens), tokens.tolist(),
+                                                                      strict=True)]
+        return [drawings[span] for span in batch.spans]
 
-    def imagine(self, request: ImagineRequest, report: Reporter | None = None) -> list[Image.Image]:
+    def imagine(self, request: ImagineRequest, report: Reporter | None = None) -> list[Drawing]:
         return self.imagine_batch([request], [report] if report else [])[0]

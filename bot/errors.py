@@ -29,3 +29,8 @@ class BadPrompt(UserFacingError):
 
 class QuotaExceeded(UserFacingError):
     """A usage limit says no."""
+
+
+class StartupError(Exception):
+    """The bot or a worker cannot start (a setting to fix, a model that cannot be loaded); one line says which
+    setting and how. Not for members: it stops the process with that line."""

@@ -18,23 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from bot.errors import JobCancelled, QueueFull
+from bot.jobs import Charge, Origin, Progress, Reporter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = TypeVar("P")
 
-
-@dataclass(frozen=True)
-class Progress:
-    """What a running job last reported: `done` of `total` steps, and an optional preview (image or text)."""
-
-    done: int
-    total: int
-    preview: Any = None
-
-
-Reporter = Callable[[Progress], None]
 BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 
 
@@ -54,6 +44,13 @@ class Job(Generic[T]):
         self.finished_at: float | None = None
         self._abandoned = False  # set by the loop; the GPU thread sees it at its next report
         self._executor: GpuExecutor | None = None
+        # The rest of the `bot.jobs.Job` surface: what the cogs read whichever backend runs the job.
+        self.charge: Charge | None = None
+        self.origin: Origin | None = None
+        self.note: str | None = None
+        self.notice: str | None = None
+        self.elsewhere = False
+        self.handed_over = False
 
     @property
     def running(self) -> bool:

@@ -12,9 +12,9 @@ import discord
 from PIL import Image
 
 from bot.errors import BadPrompt, QuotaExceeded
+from bot.jobs import Charge
 from bot.limits import Kind, Policy, banned_word_in
 from bot.media import image_files, quote, upload_limit
-from bot.store import Charge
 
 if TYPE_CHECKING:
     from bot.client import JanusBot

@@ -39,3 +39,13 @@ class ImagineRequest:
     guidance: float = 5.0
     temperature: float = 1.0  # 0 = greedy
     seed: int = 0
+    keep: tuple[int, ...] = ()  # image tokens every image starts with (Vary keeps an image's top rows)
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One finished image (upscaled when the upscaler is on) and the image tokens it was decoded from,
+    row-major over the token grid; kept so that Vary can redraw all but an image's top rows."""
+
+    image: Image.Image
+    tokens: tuple[int, ...]

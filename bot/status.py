@@ -1,65 +1,93 @@
-"""What the bot is doing, in figures: for /status and the Prometheus endpoint."""
+"""What the bot and whatever runs its jobs are doing, in figures: for /status and the Prometheus endpoint."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
+
+Timings = dict[str, tuple[int, float, float]]  # kind -> (recent jobs, mean seconds, 95th percentile seconds)
+
+
+class WorkerStatus(BaseModel):
+    """One process that runs jobs: the bot itself (EXECUTOR=local), or a GPU worker as it publishes itself in
+    Redis (EXECUTOR=redis; a record that does not fit this model is ignored)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(max_length=300)  # host:pid
+    host: str = Field(max_length=255)
+    model: str = Field(max_length=500)
+    device: str = Field(max_length=50)
+    dtype: str = Field(max_length=50)
+    loaded: bool = True
+    gpu_memory_bytes: int | None = Field(default=None, ge=0)  # allocated on its GPU; None on CPU
+    slots: int = Field(ge=0)  # images it runs at once
+    busy: int = Field(ge=0)  # of those, taken by the jobs it holds
+    jobs_done: int = Field(ge=0)
+    timings: Timings = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """The queue and the processes that run it."""
+
+    waiting: int
+    running: int
+    workers: tuple[WorkerStatus, ...]  # the live ones
+    remote: bool  # GPU workers elsewhere, through Redis (else the bot's own GPU thread)
 
 
 @dataclass(frozen=True)
 class Status:
     model: str
-    device: str
-    dtype: str
-    loaded: bool
-    waiting: int
-    running: int
-    jobs_done: int
     uptime_seconds: float
-    gpu_memory_bytes: int | None  # allocated on the model's GPU; None on CPU
-    timings: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # kind -> (jobs, mean s, p95 s)
+    backend: BackendStatus
 
-
-def snapshot(bot: JanusBot, depth: tuple[int, int] | None = None) -> Status:
-    """The figures; `depth` (waiting, running) overrides the local executor's queue (see `current`)."""
-    studio, executor = bot.studio, bot.executor
-    waiting, running = depth if depth is not None else (executor.depth - len(executor.running),
-                                                        len(executor.running))
-    device = studio.describe() if studio is not None else {}
-    return Status(
-        model=bot.settings.janus_model,
-        device=str(device.get("device", bot.settings.janus_device)),
-        dtype=str(device.get("dtype", bot.settings.janus_dtype)),
-        loaded=studio is not None,
-        waiting=waiting,
-        running=running,
-        jobs_done=executor.jobs_done,
-        uptime_seconds=time.perf_counter() - bot.started_at,
-        gpu_memory_bytes=device.get("gpu_memory_bytes"),  # type: ignore[arg-type]
-        timings=executor.timings(),
-    )
+    @property
+    def jobs_done(self) -> int:
+        return sum(worker.jobs_done for worker in self.backend.workers)
 
 
 async def current(bot: JanusBot) -> Status:
-    """The snapshot, with the queue of whatever runs the jobs: with EXECUTOR=redis, the GPU workers' queue in
-    Redis (the bot's own executor stays idle then)."""
-    queue_depth = getattr(bot.backend, "queue_depth", None)
-    return snapshot(bot, None if queue_depth is None else await queue_depth())
+    """The figures now, from the bot and its backend."""
+    return Status(model=bot.settings.janus_model, uptime_seconds=time.perf_counter() - bot.started_at,
+                  backend=await bot.backend.status())
 
 
 def render(status: Status) -> str:
     """The /status text."""
+    backend = status.backend
     hours, rest = divmod(int(status.uptime_seconds), 3600)
-    memory = f"{status.gpu_memory_bytes / 2**30:.1f} GiB" if status.gpu_memory_bytes is not None else "n/a (CPU)"
-    lines = [
-        f"**Model** `{status.model}` on {status.device} ({status.dtype})" + ("" if status.loaded else " — loading…"),
-        f"**Queue** {status.waiting} waiting, {status.running} running · **jobs done** {status.jobs_done}",
-        f"**Uptime** {hours} h {rest // 60} min · **GPU memory** {memory}",
-    ]
-    for kind, (count, mean, p95) in sorted(status.timings.items()):
-        lines.append(f"`{kind}`: {count} recent, average {mean:.2f} s, p95 {p95:.2f} s")
-    return "\n".join(lines)
+    uptime = f"**Uptime** {hours} h {rest // 60} min"
+    queue = f"**Queue** {backend.waiting} waiting, {backend.running} running · **jobs done** {status.jobs_done}"
+    if not backend.remote:
+        [me] = backend.workers
+        return "\n".join([
+            f"**Model** `{status.model}` on {me.device} ({me.dtype})" + ("" if me.loaded else " — loading…"),
+            queue, f"{uptime} · **GPU memory** {memory(me.gpu_memory_bytes)}", *timing_lines(me.timings)])
+    online = len(backend.workers)
+    lines = [f"**Model** `{status.model}` · **GPU workers** {online} online (through Redis)", queue, uptime]
+    if not online:
+        lines.append("⚠️ **No GPU worker has been seen for a lease period**: requests wait in the queue until "
+                     "one comes online (`python -m bot worker`).")
+    for worker in backend.workers:
+        lines.append(f"**`{worker.name}`** `{worker.model}` on {worker.device} ({worker.dtype}) · "
+                     f"{worker.busy}/{worker.slots} slots busy · {worker.jobs_done} jobs done · "
+                     f"GPU memory {memory(worker.gpu_memory_bytes)}")
+        lines.extend(f"  {line}" for line in timing_lines(worker.timings))
+    return "\n".join(lines)[:2000]
+
+
+def memory(allocated: int | None) -> str:
+    return f"{allocated / 2**30:.1f} GiB" if allocated is not None else "n/a (CPU)"
+
+
+def timing_lines(timings: Timings) -> list[str]:
+    return [f"`{kind}`: {count} recent, average {mean:.2f} s, p95 {p95:.2f} s"
+            for kind, (count, mean, p95) in sorted(timings.items())]

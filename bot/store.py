@@ -17,7 +17,8 @@ from typing import Literal
 
 import aiosqlite
 
-from bot.limits import LIMIT_FIELDS, Decision, Kind, Policy, Usage, check, day_of
+from bot.jobs import Charge
+from bot.limits import LIMIT_FIELDS, Kind, Policy, Usage, check, day_of
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ _LISTS: dict[str, tuple[str, str]] = {  # list name -> (table, column)
     "words": ("banned_words", "word"),
 }
 _MIGRATION_NAME = re.compile(r"(\d{4})_\w+\.sql")
-
-
-@dataclass(eq=False)
-class Charge:
-    """The outcome of one `UsageStore.charge`, with what `refund` needs to give it back."""
-
-    decision: Decision
-    guild_id: int
-    user_id: int
-    kind: Kind
-    day: str  # the UTC day the request was counted on
-    charged_at: datetime
-    previous_request_at: datetime | None  # restored by a refund, lifting the cooldown this charge started
-    refunded: bool = False
 
 
 @dataclass(frozen=True)

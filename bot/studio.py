@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -9,11 +10,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from PIL import Image
 
-from bot.engine import AskRequest, ImagineRequest, JanusEngine, resolve_device
-from bot.errors import JobCancelled, JobFailed
-from bot.executor import Reporter
+from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, resolve_device
+from bot.errors import JobCancelled, JobFailed, StartupError
+from bot.jobs import Reporter
 from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
 
@@ -24,10 +24,6 @@ T = TypeVar("T")
 
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
 OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
-
-
-class StartupError(Exception):
-    """The model or the upscaler cannot be loaded; one line says which setting to fix and how."""
 
 
 class Studio:
@@ -100,7 +96,7 @@ class Studio:
         return self._in_batch_or_alone(self.engine.ask_batch, requests, reports, OUT_OF_MEMORY_ASKING)
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter]) -> list[list[Image.Image] | BaseException]:
+                      reports: Sequence[Reporter]) -> list[list[Drawing] | BaseException]:
         """Draw and upscale several requests together (see `_in_batch_or_alone` for failures)."""
         return self._in_batch_or_alone(self._imagine_and_upscale, requests, reports, OUT_OF_MEMORY)
 
@@ -134,16 +130,12 @@ class Studio:
         return results
 
     def _imagine_and_upscale(self, requests: Sequence[ImagineRequest],
-                             reports: Sequence[Reporter]) -> list[list[Image.Image]]:
+                             reports: Sequence[Reporter]) -> list[list[Drawing]]:
         galleries = self.engine.imagine_batch(requests, reports)
         if self.upscaler is None:
             return galleries
-        flat = self.upscaler.upscale([image for gallery in galleries for image in gallery])
-        out, start = [], 0
-        for gallery in galleries:
-            out.append(flat[start:start + len(gallery)])
-            start += len(gallery)
-        return out
+        flat = iter(self.upscaler.upscale([drawing.image for gallery in galleries for drawing in gallery]))
+        return [[dataclasses.replace(drawing, image=next(flat)) for drawing in gallery] for gallery in galleries]
 
 
 def _is_missing_directory(name: str) -> bool:

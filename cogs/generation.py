@@ -9,7 +9,6 @@ import random
 import re
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -17,16 +16,15 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.backends import Origin
 from bot.client import SORRY, acknowledge, reply_privately
+from bot.delivery import Delivery, ResumedInteraction, TokenLife
 from bot.errors import UserFacingError
-from bot.executor import Job
 from bot.images import encode_png
-from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
+from bot.jobs import Job, Origin
+from bot.media import clean_text, image_files, quote, upload_limit
 from bot.places import member_contexts, pin
-from bot.requests import ImagineRequest
-from bot.resumed import ResumedInteraction, TokenLife
-from bot.store import Charge, Gallery
+from bot.requests import Drawing, ImagineRequest
+from bot.store import Gallery
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -34,51 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 256  # px of each preview tile in the status message
-
-
-@dataclass
-class Delivery:
-    """Where a gallery goes: the interaction's original response while its token lives (young enough, never
-    refused), else the channel."""
-
-    interaction: discord.Interaction
-    token: TokenLife
-
-    async def edit(self, **fields: Any) -> discord.Message | None:
-        if not self.token.alive:
-            return None
-        try:
-            return await self.interaction.edit_original_response(**fields)
-        except discord.HTTPException as error:
-            if not self.token.refused(error):
-                log.warning("Could not update the /imagine response: %s", error)
-        return None
-
-    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
-                   first: bool) -> discord.Message:
-        if first:
-            message = await self.edit(content=content, attachments=files, view=view)
-            if message is not None:
-                return message
-        elif self.token.alive:
-            try:
-                return await self.interaction.followup.send(content, files=files, wait=True)
-            except discord.HTTPException as error:
-                self.token.refused(error)
-                log.warning("Follow-up failed (%s); posting in the channel instead", error)
-        for file in files:
-            file.reset()
-        mention, channel = self.interaction.user.mention, self.interaction.channel
-        try:
-            return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}", files=files, view=view or discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
-            )
-        except discord.Forbidden as error:  # say which permission to ask an admin for
-            missing = missing_permission(channel, files=bool(files))
-            log.warning("Could not post /imagine results in #%s of server %s: %s (missing: %s)", channel,
-                        self.interaction.guild_id, error, missing or "unknown")
-            raise UserFacingError(cannot_post(missing)) from None
 
 
 class Generation(commands.Cog):
@@ -129,7 +82,7 @@ class Generation(commands.Cog):
             await reply_privately(interaction, str(error))
             return
         delivery = Delivery(interaction, self.token_of(interaction))
-        job: Job[list[Image.Image]] | None = None
+        job: Job[list[Drawing]] | None = None
         try:
             # With a remote backend the job outlives this process: a restarted bot keeps editing this response
             # through the interaction's token, and refunds the charge if the job fails.
@@ -138,10 +91,10 @@ class Generation(commands.Cog):
             job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             await acknowledge(interaction)
-            images = await self.follow(job, request, delivery)
-            await self.deliver(interaction, request, images, delivery, note=getattr(job, "note", None))
+            drawings = await self.follow(job, request, delivery)
+            await self.deliver(interaction, request, drawings, delivery, note=job.note)
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             await self.tell(interaction, delivery, str(error))
@@ -150,7 +103,7 @@ class Generation(commands.Cog):
             await self.bot.quota.refund(charge)
             await self.tell(interaction, delivery, SORRY)
         except BaseException:
-            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
         finally:
@@ -169,9 +122,9 @@ class Generation(commands.Cog):
             if delivery.token.alive:
                 await reply_privately(interaction, f"⚠️ {text}")
 
-    async def follow(self, job: Job[list[Image.Image]], request: ImagineRequest,
-                     delivery: Delivery) -> list[Image.Image]:
-        """Keep the status message current until the job is done; return its images."""
+    async def follow(self, job: Job[list[Drawing]], request: ImagineRequest,
+                     delivery: Delivery) -> list[Drawing]:
+        """Keep the status message current until the job is done; return its drawings."""
         interval, last = self.bot.settings.status_update_seconds, float("-inf")
         shown_preview = None
         job.changed.set()  # show the queue position at once, not only once it changes
@@ -190,8 +143,9 @@ class Generation(commands.Cog):
             await delivery.edit(**fields)
         return await job
 
-    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, images: list[Image.Image],
+    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, drawings: list[Drawing],
                       delivery: Delivery, note: str | None = None) -> None:
+        images = [drawing.image for drawing in drawings]
         gallery_id = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
                     count=request.count, guidance=request.guidance, temperature=request.temperature,
@@ -213,26 +167,23 @@ class Generation(commands.Cog):
     # ---- jobs that outlived a restart of the bot (EXECUTOR=redis) -------------------------------------
 
     async def cog_load(self) -> None:
-        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
-        if reattach is not None:
-            await reattach(self.deliver_reattached)
+        await self.bot.backend.reattach("imagine", self.deliver_reattached)  # jobs that outlived a restart
 
-    async def deliver_reattached(self, job: Job[list[Image.Image]], request: ImagineRequest,
+    async def deliver_reattached(self, job: Job[list[Drawing]], request: ImagineRequest,
                                  origin: Origin) -> None:
         """Show and deliver a job an earlier run of the bot was waiting for, as `run` does: its status and
         gallery go into the original response while the interaction's token lives, else to the channel it was
         asked in, mentioning whoever asked. A job that fails is refunded."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
         delivery = Delivery(resumed, self.token_of(resumed, dead=resumed.expired))  # type: ignore[arg-type]
-        charge: Charge | None = getattr(job, "charge", None)
         try:
-            images = await self.follow(job, request, delivery)
-            await self.deliver(resumed, request, images, delivery, note=getattr(job, "note", None))  # type: ignore[arg-type]
+            drawings = await self.follow(job, request, delivery)
+            await self.deliver(resumed, request, drawings, delivery, note=job.note)  # type: ignore[arg-type]
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+            if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
-            if charge is not None:
-                await self.bot.store.refund(charge)
+            if job.charge is not None:
+                await self.bot.store.refund(job.charge)
             try:
                 await delivery.send(f"⚠️ {error}", [], None, first=True)
             except (UserFacingError, discord.HTTPException) as failure:

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.backends import Origin
 from bot.client import SORRY, acknowledge, reply_privately
+from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction, TokenLife
 from bot.errors import UserFacingError
-from bot.executor import Job
-from bot.media import (
-    check_attachment,
-    clean_text,
-    is_image,
-    missing_permission,
-    read_images,
-    split_message,
-    with_prefix,
-)
+from bot.jobs import Charge, Job, Origin
+from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
 from bot.places import member_contexts, pin
 from bot.requests import AskRequest, Turn
-from bot.resumed import ResumedInteraction, TokenLife
-from bot.store import Charge
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -44,89 +33,6 @@ MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
 DESCRIBE = "Describe this image in detail."
 NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
 TYPING_CURSOR = " ▌"
-
-
-class AnswerOutput(Protocol):
-    """Where a streamed answer goes: a reply to a message, or an interaction's response."""
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]: ...
-    async def show(self, text: str) -> None: ...
-    async def finish(self, chunks: list[str]) -> None: ...
-
-
-class ReplyOutput:
-    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain walkable."""
-
-    def __init__(self, message: discord.Message) -> None:
-        self.message, self.reply = message, None
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return self.message.channel.typing()  # the typing indicator while the answer is prepared
-
-    async def show(self, text: str) -> None:
-        try:
-            if self.reply is None:
-                self.reply = await self.message.reply(text)
-            else:
-                await self.reply.edit(content=text)
-        except discord.HTTPException as error:  # a missed progress update is harmless
-            log.debug("Streaming update failed: %s", error)
-
-    async def finish(self, chunks: list[str]) -> None:
-        first, *rest = chunks
-        try:
-            previous = await self._final_first(first)
-        except discord.HTTPException:  # e.g. the question was deleted meanwhile: to the channel, mentioning
-            author = self.message.author
-            for part in with_prefix(author.mention, chunks):
-                await self.message.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[author]))
-            return
-        for chunk in rest:
-            previous = await previous.reply(chunk, mention_author=False)
-
-    async def _final_first(self, text: str) -> discord.Message:
-        if self.reply is not None:
-            try:
-                return await self.reply.edit(content=text)
-            except discord.HTTPException:
-                log.warning("Could not edit the streamed reply; sending the answer anew")
-        return await self.message.reply(text)
-
-
-class InteractionOutput:
-    """Streams into a deferred interaction's original response while its token lives (young enough, never
-    refused); further chunks are follow-ups; what the token can no longer carry goes to the channel."""
-
-    def __init__(self, interaction: discord.Interaction, token: TokenLife) -> None:
-        self.interaction, self.token = interaction, token
-
-    def working(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return contextlib.nullcontext()  # the deferred "thinking…" response already says so
-
-    async def show(self, text: str) -> None:
-        if not self.token.alive:
-            return
-        try:
-            await self.interaction.edit_original_response(content=text)
-        except discord.HTTPException as error:
-            self.token.refused(error)
-            log.debug("Streaming update failed: %s", error)
-
-    async def finish(self, chunks: list[str]) -> None:
-        sent = 0
-        try:
-            if self.token.alive:
-                await self.interaction.edit_original_response(content=chunks[0])
-                sent = 1
-            while sent < len(chunks) and self.token.alive:
-                await self.interaction.followup.send(chunks[sent])
-                sent += 1
-        except discord.HTTPException as error:  # the token is dead, or Discord failed: to the channel
-            self.token.refused(error)
-            log.warning("Could not answer through the interaction (%s); posting in the channel", error)
-        user = self.interaction.user
-        for part in with_prefix(user.mention, chunks[sent:]):
-            await self.interaction.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[user]))  # type: ignore[union-attr]
 
 
 class Understanding(commands.Cog):
@@ -145,9 +51,7 @@ class Understanding(commands.Cog):
         return InteractionOutput(interaction, token)
 
     async def cog_load(self) -> None:
-        reattach = getattr(self.bot.backend, "reattach", None)  # only a remote backend's jobs outlive the bot
-        if reattach is not None:
-            await reattach(self.deliver_reattached, kind="ask")
+        await self.bot.backend.reattach("ask", self.deliver_reattached)  # questions that outlived a restart
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.ask_menu.name, type=self.ask_menu.type)
@@ -163,19 +67,19 @@ class Understanding(commands.Cog):
         process: a restarted bot answers it at `origin` (see `deliver_reattached`), and refunds it if it fails."""
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
-        job = None
+        job: Job[str] | None = None
         try:
             job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             async with output.working():
                 answer = await self.stream(job, output)
         except UserFacingError:
-            if getattr(job, "elsewhere", False):  # another process of the bot delivered it (and kept the charge)
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             raise
         except BaseException:
-            if not getattr(job, "handed_over", False):  # else a restarted bot delivers it, or refunds it
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
         try:
@@ -210,14 +114,13 @@ class Understanding(commands.Cog):
                 output = ReplyOutput(await resumed.channel.fetch_message(origin.message_id))
             except discord.HTTPException as error:  # deleted meanwhile, or unreadable: the channel will do
                 log.info("Cannot reply to message %s any more: %s", origin.message_id, error)
-        charge: Charge | None = getattr(job, "charge", None)
         try:
             answer = await self.stream(job, output)
         except UserFacingError as error:
-            if getattr(job, "elsewhere", False):  # another process of the bot claimed and delivers it
+            if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
-            if charge is not None:
-                await self.bot.store.refund(charge)
+            if job.charge is not None:
+                await self.bot.store.refund(job.charge)
             await output.finish([str(error)])
             return
         await output.finish(split_message(answer) or [NO_ANSWER])

@@ -1,7 +1,7 @@
 """Processes for tests/test_redis_scaleout.py, started as `python -m scaleout_procs worker|bot ...` (tests/
 on PYTHONPATH, settings from the environment):
 
-- `worker`: the real `bot.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
+- `worker`: the real `bot.redis.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid PNGs
   in FAKE_STEPS steps through the same executor and batcher, reporting progress at each step, a preview halfway.
   A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report;
   `fail me` makes the batch raise once drawn (the worker reports the job failed). Questions are answered with
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from bot.executor import Progress, Reporter
+from bot.jobs import Progress, Reporter
 from bot.logs import configure_logging
-from bot.requests import AskRequest, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings, load_settings
 
 STEPS = int(os.environ.get("FAKE_STEPS", "10"))
@@ -46,7 +46,7 @@ class FakeStudio:
         return cls()
 
     def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter]) -> list[list[Image.Image]]:
+                      reports: Sequence[Reporter]) -> list[list[Drawing]]:
         for request in requests:
             self._note(request.prompt)
         asked = [float(m[1]) for r in requests if (m := re.search(r"slow:([\d.]+)", r.prompt))]
@@ -61,8 +61,8 @@ class FakeStudio:
                 os.kill(os.getpid(), signal.SIGKILL)
         if any("fail me" in request.prompt for request in requests):
             raise RuntimeError("the fake studio was asked to fail")
-        return [[Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)) for i in range(r.count)]
-                for r in requests]
+        return [[Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
+                 for i in range(r.count)] for r in requests]
 
     def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
         self._note(request.question)
@@ -85,8 +85,8 @@ class FakeStudio:
 
 
 async def submit_and_wait(prompt: str, guild: int, channel: int, owner: int) -> None:
-    from bot.backends import Origin
-    from bot.redis_backend import RedisBackend
+    from bot.jobs import Origin
+    from bot.redis.backend import RedisBackend
 
     async with RedisBackend.connect(load_settings()) as backend:
         job = backend.imagine(ImagineRequest(prompt, count=2, seed=7), owner=owner,
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     settings = load_settings()
     configure_logging(settings)
     if argv[0] == "worker":
-        from bot.worker import run_worker
+        from bot.redis.worker import run_worker
 
         return asyncio.run(run_worker(settings, load_studio=FakeStudio.load))
     prompt, guild, channel, owner = argv[1], int(argv[2]), int(argv[3]), int(argv[4])

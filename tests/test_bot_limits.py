@@ -21,7 +21,7 @@ from discord import app_commands
 from bot.client import SORRY, JanusBot
 from bot.errors import JobFailed, QuotaExceeded
 from bot.executor import GpuExecutor
-from bot.store import Charge
+from bot.jobs import Charge
 
 LIMIT = 10.0  # seconds any test-side wait may take before the test fails
 SERVER_ONLY = "I only work in servers, not in direct messages."

@@ -22,7 +22,7 @@ from PIL import Image
 from scene import Scene, open_scene
 
 from bot.engine import AskRequest, Turn
-from bot.executor import Progress
+from bot.jobs import Progress
 from bot.media import MESSAGE_LIMIT
 from cogs import understanding
 

@@ -3,6 +3,7 @@ with transformers' own generate) and understanding (answers, image modes, histor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ from PIL import Image
 from tiny_models import IMAGE_SIZE, NUM_IMAGE_TOKENS
 from transformers import GenerationMixin
 
-from bot.engine import AskRequest, ImageBatch, ImagineRequest, JanusEngine, Turn
-from bot.executor import Progress
+from bot.engine import AskRequest, Drawing, ImageBatch, ImagineRequest, JanusEngine, Turn
+from bot.jobs import Progress
 from bot.studio import Studio
 from bot.upscaler import Upscaler
 
@@ -26,11 +27,12 @@ def engine(studio: Studio) -> JanusEngine:
     return studio.engine
 
 
-def pixels(images: list[Image.Image]) -> list[np.ndarray]:
-    return [np.asarray(image) for image in images]
+def pixels(images: Sequence[Image.Image | Drawing]) -> list[np.ndarray]:
+    """Pixels of images, or of drawings' images (engine.imagine returns drawings, engine.decode images)."""
+    return [np.asarray(image.image if isinstance(image, Drawing) else image) for image in images]
 
 
-def same_images(a: list[Image.Image], b: list[Image.Image]) -> bool:
+def same_images(a: Sequence[Image.Image | Drawing], b: Sequence[Image.Image | Drawing]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b), strict=True))
 
 
@@ -82,7 +84,8 @@ def test_image_size_and_token_count_come_from_the_model_config(engine: JanusEngi
     expected = side_tokens * 2 ** (len(config.vq_config.channel_multiplier) - 1)
     assert engine.image_size == expected == IMAGE_SIZE == 64
     images = engine.imagine(ImagineRequest("a red fox in the snow", count=3, seed=1))
-    assert [(image.mode, image.size) for image in images] == [("RGB", (64, 64))] * 3
+    assert [(d.image.mode, d.image.size) for d in images] == [("RGB", (64, 64))] * 3
+    assert [len(d.tokens) for d in images] == [NUM_IMAGE_TOKENS] * 3
 
 
 def test_upscaled_images_are_twice_or_four_times_the_model_size(studio: Studio, tiny_dir: Path) -> None:
@@ -90,12 +93,12 @@ def test_upscaled_images_are_twice_or_four_times_the_model_size(studio: Studio, 
     request = ImagineRequest("a red fox in the snow", count=2, seed=3)
     [gallery] = studio.imagine_batch([request], [lambda progress: None])
     assert studio.output_size == 128
-    assert [image.size for image in gallery] == [(128, 128)] * 2
+    assert [d.image.size for d in gallery] == [(128, 128)] * 2
 
     x4 = Studio(studio.engine, Upscaler.load(tiny_dir / "RealESRGAN_x4.pth"))
     [gallery4] = x4.imagine_batch([request], [lambda progress: None])
     assert x4.output_size == 256
-    assert [image.size for image in gallery4] == [(256, 256)] * 2
+    assert [d.image.size for d in gallery4] == [(256, 256)] * 2
 
 
 def test_equal_seeds_give_identical_images_and_different_seeds_differ(engine: JanusEngine) -> None:
@@ -165,6 +168,28 @@ def test_batched_requests_get_exactly_the_tokens_they_get_alone(
     assert same_images(galleries[2], engine.imagine(requests[2]))
 
 
+def test_kept_tokens_start_every_image_and_the_rest_is_drawn_anew(any_engine: JanusEngine) -> None:
+    """A request with `keep` (Vary) draws images whose first tokens are exactly the kept ones; the rest follows
+    from its own seed, the same again for the same seed, and drawn together with others it is unchanged."""
+    engine = any_engine
+    [source] = engine.imagine(ImagineRequest("a red fox in the snow", count=1, seed=3))
+    top = source.tokens[: 2 * engine.grid]  # the first two token rows
+    vary = ImagineRequest("a red fox in the snow", count=3, seed=11, keep=top)
+    variations = engine.imagine(vary)
+    assert [d.tokens[: len(top)] for d in variations] == [top] * 3
+    rests = {d.tokens[len(top):] for d in variations}
+    assert len(rests) == 3 and source.tokens[len(top):] not in rests  # new random numbers below the kept rows
+    assert [d.tokens for d in engine.imagine(vary)] == [d.tokens for d in variations]
+    together = engine.imagine_batch([ImagineRequest("cat", count=2, seed=1), vary])[1]
+    assert [d.tokens for d in together] == [d.tokens for d in variations]
+
+
+def test_kept_tokens_outside_the_image_vocabulary_are_refused(engine: JanusEngine) -> None:
+    vocabulary = engine.model.config.vq_config.num_embeddings
+    with pytest.raises(ValueError, match="keep"):
+        engine.imagine(ImagineRequest("a fox", count=1, keep=(vocabulary,)))
+
+
 def test_temperature_zero_is_greedy_and_ignores_the_seed(engine: JanusEngine) -> None:
     """At temperature 0 the seed does not matter; at temperature 1 it does."""
     greedy = [tokens_of(engine, ImagineRequest("a red fox", count=1, temperature=0, seed=s)) for s in (1, 2)]
@@ -181,6 +206,8 @@ def crafted_batch(guidance: list[float], temperature: list[float], uniforms: lis
         guidance=torch.tensor(guidance)[:, None],
         temperature=torch.tensor(temperature)[:, None],
         uniforms=torch.tensor(uniforms),
+        kept=torch.zeros((rows, len(uniforms[0])), dtype=torch.long),
+        kept_length=torch.zeros(rows, dtype=torch.long),
     )
 
 
@@ -376,7 +403,7 @@ def test_batched_questions_stream_each_its_own_answer(engine: JanusEngine) -> No
         assert progress and progress[-1].preview == answer
 
 
-async def test_questions_waiting_together_are_answered_in_one_batch(studio) -> None:
+async def test_questions_waiting_together_are_answered_in_one_batch(studio, settings) -> None:
     """The backend batches questions that wait in the queue at the same time, each keeping its answer."""
     import threading
 
@@ -392,7 +419,7 @@ async def test_questions_waiting_together_are_answered_in_one_batch(studio) -> N
 
     gate = threading.Event()
     async with GpuExecutor(8) as executor:
-        backend = LocalBackend(executor, Counting)
+        backend = LocalBackend(executor, Counting, settings)
         held = executor.submit(lambda _report: gate.wait(5))  # hold the GPU while three questions queue
         jobs = [backend.ask(question, owner=i) for i, question in enumerate(QUESTIONS[:3])]
         gate.set()

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 from bot.errors import JobCancelled, QueueFull
-from bot.executor import GpuExecutor, Progress, Reporter
+from bot.executor import GpuExecutor
+from bot.jobs import Progress, Reporter
 
 T = TypeVar("T")
 LIMIT = 5.0  # seconds; no single wait in these tests may take longer

@@ -40,8 +40,9 @@ from pydantic import SecretStr
 from scene import Scene, open_scene
 
 from bot.client import SORRY, JanusBot
-from bot.errors import JobCancelled, UserFacingError
-from bot.executor import GpuExecutor, Progress
+from bot.errors import JobCancelled
+from bot.executor import GpuExecutor
+from bot.jobs import Progress
 from bot.logs import configure_logging
 from bot.settings import Settings
 from bot.store import UsageStore

@@ -1,5 +1,5 @@
 """Scale-out through Redis (EXECUTOR=redis): a real redis-server, real worker processes (`python -m
-scaleout_procs worker`: bot.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
+scaleout_procs worker`: bot.redis.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
 1.5 s, so a takeover happens within about two seconds; every wait has a deadline."""
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from PIL import Image
 from scaleout_procs import color
 from scene import decode, open_scene
 
-from bot import redis_wire as wire
-from bot.backends import Origin
 from bot.client import JanusBot
 from bot.errors import JobCancelled, QueueFull
 from bot.executor import GpuExecutor
-from bot.redis_backend import RESTARTED_NOTE, RedisBackend
+from bot.jobs import Origin
+from bot.redis import wire
+from bot.redis.backend import RESTARTED_NOTE, RedisBackend
 from bot.requests import AskRequest, ImagineRequest, Turn
 from bot.settings import Settings
 from bot.store import UsageStore
@@ -177,9 +177,10 @@ async def test_a_killed_workers_job_is_taken_over_and_delivered_once(procs, back
     kill(first)
     second = await procs.worker()
 
-    images = await asyncio.wait_for(job, 20)
+    drawings = await asyncio.wait_for(job, 20)
 
-    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 1, 2)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 1, 2)
+    assert [d.tokens for d in drawings] == [(1, 0), (1, 1)]  # the image tokens travel with the images
     assert job.note == RESTARTED_NOTE and job.attempt == 2
     log = await events(redis, job.id)
     assert [e["type"] for e in log if e["type"] in wire.TERMINAL] == ["done"]  # exactly one outcome
@@ -288,14 +289,14 @@ async def test_a_restarted_bot_reattaches_and_delivers_exactly_once(procs, setti
         delivered.append((job.id, request, origin, await job))
 
     async with RedisBackend.connect(settings) as restarted:
-        assert await restarted.reattach(deliver) == 1
+        assert await restarted.reattach("imagine", deliver) == 1
         await until(lambda: delivered, 20, "the re-attached job's delivery")
     async with RedisBackend.connect(settings) as again:
-        assert await again.reattach(deliver) == 0  # delivered once: nothing left to re-attach
+        assert await again.reattach("imagine", deliver) == 0  # delivered once: nothing left to re-attach
 
-    [(delivered_id, request, origin, images)] = delivered
+    [(delivered_id, request, origin, drawings)] = delivered
     assert (delivered_id, request.prompt, origin) == (job_id, prompt, Origin(11, 22))
-    assert [image.getpixel((0, 0)) for image in images] == colors(prompt, 7, 2)
+    assert [d.image.getpixel((0, 0)) for d in drawings] == colors(prompt, 7, 2)
     assert await redis.hlen(wire.AWAITING) == 0
     await nothing_left(redis)
 
@@ -313,9 +314,10 @@ async def make_redis_bot(settings: Settings, redis_url: str,
     async def make() -> JanusBot:
         current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
         store = await UsageStore.connect(current.database_path)
-        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), shard_count=1)
-        bot.backend = RedisBackend(wire.connect(redis_url), current)
-        made.append((bot, bot.backend))
+        backend = RedisBackend(wire.connect(redis_url), current)
+        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), backend=backend,
+                       shard_count=1)
+        made.append((bot, backend))
         return bot
 
     yield make

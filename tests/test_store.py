@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bot import store as store_module
+from bot.jobs import Charge
 from bot.limits import Kind, Policy
-from bot.store import Charge, UsageStore
+from bot.store import UsageStore
 
 GUILD, OTHER_GUILD, USER, OTHER_USER = 10, 20, 1, 2
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

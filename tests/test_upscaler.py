@@ -12,8 +12,9 @@ from PIL import Image
 from tiny_models import build_not_an_upscaler
 
 from bot.engine import ImagineRequest
+from bot.errors import StartupError
 from bot.settings import Settings
-from bot.studio import StartupError, Studio
+from bot.studio import Studio
 from bot.upscaler import Upscaler, UpscalerError
 
 
@@ -149,7 +150,7 @@ def test_studio_without_an_upscaler_draws_model_size_images(tiny_dir: Path) -> N
     assert studio.upscaler is None
     assert studio.output_size == 64
     [gallery] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=1)], [lambda progress: None])
-    assert [image.size for image in gallery] == [(64, 64)] * 2
+    assert [drawing.image.size for drawing in gallery] == [(64, 64)] * 2
 
 
 def test_missing_default_weights_offline_say_which_file_to_put_where(

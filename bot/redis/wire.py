@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from bot.requests import AskRequest, ImagineRequest, Turn
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn
 
 JOBS = "janus:jobs"
 DEAD = "janus:dead"
@@ -38,6 +38,7 @@ GROUP = "workers"
 MAX_DELIVERIES = 3  # a job delivered more often than this (it keeps killing workers) is set aside
 EVENTS_MAXLEN = 100  # per-job events kept; the terminal event is always the newest
 DEAD_MAXLEN = 10_000
+TOKENS_CHUNK = "janus-tokens"  # PNG text chunk of a result: its image tokens
 # Blocking reads wait BLOCK_MS at most, well under the socket timeout (redis-py's default of 5 s would
 # otherwise cut a longer BLOCK short with a TimeoutError).
 BLOCK_MS = 1000
@@ -67,6 +68,11 @@ def preview_key(job_id: str, index: int) -> str:
     return f"janus:job:{job_id}:preview:{index}"
 
 
+def worker_key(name: str) -> str:
+    """A GPU worker's figures (JSON of bot.status.WorkerStatus); it expires a lease after the worker last wrote it."""
+    return f"janus:worker:{name}"
+
+
 def reply_key(job_id: str) -> str:
     return f"janus:job:{job_id}:reply"
 
@@ -86,14 +92,6 @@ def redacted(url: str) -> str:
     """The URL without its password, for logs."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{rest.rpartition('@')[2]}"
-
-
-def startup_error(message: str) -> Exception:
-    """bot.studio's StartupError, imported only when needed: it brings torch, which the bot side of
-    EXECUTOR=redis (and a test worker) can do without."""
-    from bot.studio import StartupError
-
-    return StartupError(message)
 
 
 async def ensure_group(redis: aioredis.Redis) -> None:
@@ -125,12 +123,27 @@ def unpng(data: bytes) -> Image.Image:
     return image
 
 
+def png_drawing(drawing: Drawing) -> bytes:
+    """A finished image as PNG, its image tokens in a text chunk (Vary needs them after a restart too)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TOKENS_CHUNK, ",".join(map(str, drawing.tokens)))
+    buffer = io.BytesIO()
+    drawing.image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def unpng_drawing(data: bytes) -> Drawing:
+    image = unpng(data)
+    text = image.info.get(TOKENS_CHUNK, "")
+    return Drawing(image, tuple(int(token) for token in text.split(",")) if text else ())
+
+
 def encode_request(request: Request) -> tuple[str, str, list[Image.Image]]:
     """(kind, JSON, images): an AskRequest's images, its history's included, are listed apart and referred to
     by index, to be stored under their own keys."""
     if isinstance(request, ImagineRequest):
         data = {"prompt": request.prompt, "count": request.count, "guidance": request.guidance,
-                "temperature": request.temperature, "seed": request.seed}
+                "temperature": request.temperature, "seed": request.seed, "keep": list(request.keep)}
         return "imagine", json.dumps(data), []
     images: list[Image.Image] = []
 
@@ -149,7 +162,7 @@ def decode_request(kind: str, payload: str, images: Sequence[Image.Image | None]
     """The request `encode_request` wrote, given its images in order (None for one that is gone: left out)."""
     data: dict[str, Any] = json.loads(payload)
     if kind == "imagine":
-        return ImagineRequest(**data)
+        return ImagineRequest(**{**data, "keep": tuple(data.get("keep", ()))})
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
         return tuple(image for i in indices if (image := images[i]) is not None)

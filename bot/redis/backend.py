@@ -19,22 +19,22 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from PIL import Image
 
-from bot import redis_wire as wire
-from bot.backends import Origin
-from bot.errors import JobCancelled, JobFailed, QueueFull, UserFacingError
-from bot.executor import Job, Progress
+from bot.backends import NOT_ACCEPTING, Deliver
+from bot.errors import JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
+from bot.executor import Job
+from bot.jobs import Charge, JobKind, Origin, Progress
 from bot.limits import ALLOWED
-from bot.requests import AskRequest, ImagineRequest
+from bot.redis import wire
+from bot.requests import AskRequest, Drawing, ImagineRequest
 from bot.settings import Settings
-from bot.store import Charge
+from bot.status import BackendStatus, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,17 @@ UNREACHABLE_AFTER_SECONDS = 60.0
 RESTARTED_NOTE = "A GPU worker stopped while working on this, so another one started it over."
 TOKEN_SECONDS = 15 * 60  # an interaction token's life: no use keeping it longer
 
-# (job, request, origin): an "imagine" job comes with its ImagineRequest, an "ask" job with its AskRequest
-Deliver = Callable[["RedisJob[Any]", Any, Origin], Coroutine[Any, Any, None]]
-
 
 class RedisJob(Job[T]):
     """A job run by a GPU worker somewhere, seen through its event stream."""
 
     def __init__(self, backend: RedisBackend, *, job_id: str, kind: str, owner: int, weight: int,
-                 origin: Origin | None = None) -> None:
+                 origin: Origin | None = None, charge: Charge | None = None) -> None:
         super().__init__(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
-        self.id, self.origin, self._backend = job_id, origin, backend
+        self.id, self.origin, self.charge, self._backend = job_id, origin, charge, backend
         self.entry_id: str | None = None  # the job stream's entry, once written
-        self.note: str | None = None  # said with the result: the job was taken over after a worker stopped
         self.attempt = 0  # which delivery of the entry last started it
         self.claimed = False  # this process removed the job from the awaiting hash, so it delivers it
-        self.elsewhere = False  # another process of the bot removed it first, and delivers it
-        self.handed_over = False  # this process stopped following it; the next run re-attaches and settles it
-        self.charge: Charge | None = None  # a re-attached job's charge, to refund if it fails
         self.heard = time.perf_counter()  # when its last event arrived
         self._position = 1
 
@@ -103,14 +96,14 @@ class RedisBackend:
         """Connect to REDIS_URL (a StartupError naming the setting if it can't), yield, and close at exit."""
         url = settings.redis_url.get_secret_value() if settings.redis_url else ""
         if not url:
-            raise wire.startup_error("EXECUTOR=redis needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
+            raise StartupError("EXECUTOR=redis needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
         redis = wire.connect(url)
         try:
             await redis.ping()
             await wire.ensure_group(redis)
         except (aioredis.RedisError, OSError) as error:
             await redis.aclose()
-            raise wire.startup_error(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
+            raise StartupError(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
         log.info("Jobs go to GPU workers through Redis at %s", wire.redacted(url))
         backend = cls(redis, settings)
         try:
@@ -139,18 +132,32 @@ class RedisBackend:
 
     def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
             charge: Charge | None = None) -> RedisJob[str]:
-        job = self._submit(request, owner=owner, weight=1, origin=origin)
-        job.charge = charge  # written with the awaiting record, for a restarted bot to refund
-        return job
+        return self._submit(request, owner=owner, weight=1, origin=origin, charge=charge)
 
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> RedisJob[list[Image.Image]]:
-        job = self._submit(request, owner=owner, weight=request.count, origin=origin)
-        job.charge = charge  # written with the awaiting record, for a restarted bot to refund
-        return job
+                charge: Charge | None = None) -> RedisJob[list[Drawing]]:
+        return self._submit(request, owner=owner, weight=request.count, origin=origin, charge=charge)
 
     def jobs_of(self, owner: int) -> int:
         return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())
+
+    async def status(self) -> BackendStatus:
+        waiting, running = await self.queue_depth()
+        return BackendStatus(waiting=waiting, running=running, workers=await self.workers(), remote=True)
+
+    async def workers(self) -> tuple[WorkerStatus, ...]:
+        """The live GPU workers, as each last published itself (its record expires a lease after that)."""
+        keys = [key async for key in self.redis.scan_iter(match=wire.worker_key("*"), count=1000)]
+        records = await self.redis.mget(keys) if keys else []
+        workers = []
+        for record in records:
+            if record is None:  # expired since the scan
+                continue
+            try:
+                workers.append(WorkerStatus.model_validate_json(record))
+            except ValueError:
+                log.warning("Ignoring an unreadable worker record in Redis")
+        return tuple(sorted(workers, key=lambda worker: worker.name))
 
     async def queue_depth(self) -> tuple[int, int]:
         """(waiting, running) over every bot's jobs, read from Redis: entries no worker has taken yet, and entries
@@ -164,15 +171,16 @@ class RedisBackend:
 
     # ---- submitting and withdrawing ------------------------------------------------------------------------
 
-    def _submit(self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None) -> RedisJob[Any]:
+    def _submit(self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None,
+                charge: Charge | None) -> RedisJob[Any]:
         if self.closing or not self.accepting:
-            raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
+            raise QueueFull(NOT_ACCEPTING)
         waiting = sum(1 for job in self.jobs.values() if job.position)
         if waiting >= self.settings.queue_size:
             raise QueueFull(f"{waiting} requests are already waiting; please try again in a minute.")
         kind = "imagine" if isinstance(request, ImagineRequest) else "ask"
         job: RedisJob[Any] = RedisJob(self, job_id=uuid.uuid4().hex, kind=kind, owner=owner, weight=weight,
-                                      origin=origin)
+                                      origin=origin, charge=charge)  # the charge goes into the awaiting record
         self.jobs[job.id] = job
         self._spawn(self._queue_and_follow(job, request), f"job-{job.id}")
         return job
@@ -335,7 +343,7 @@ class RedisBackend:
             elif job.kind == "ask":
                 outcome = blobs[0].decode()
             else:
-                outcome = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs])
+                outcome = await asyncio.to_thread(lambda: [wire.unpng_drawing(blob) for blob in blobs])
         elif kind == wire.FAILED:
             outcome = JobFailed(wire.field(fields, "text") or LOST)
         else:
@@ -361,7 +369,7 @@ class RedisBackend:
 
     # ---- after a restart -----------------------------------------------------------------------------------
 
-    async def reattach(self, deliver: Deliver, kind: str = "imagine") -> int:
+    async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
         """Follow again the jobs of `kind` ("imagine" or "ask") an earlier run of the bot was awaiting.
         `deliver(job, request, origin)` is called at once for each, to show the job's progress and then deliver
         it; the origin has the interaction's token while it lives (and a question's message id), and `job.charge`

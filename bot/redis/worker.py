@@ -2,7 +2,7 @@
 
 It loads the studio, takes from the job stream only as many jobs as it has free slots (WORKER_SLOTS images),
 runs them through its own GpuExecutor (so requests taken together batch as they do in the bot), and publishes
-each job's progress, previews and outcome to the job's event stream (bot/redis_wire.py has the layout).
+each job's progress, previews and outcome to the job's event stream (bot/redis/wire.py has the layout).
 
 Leases. A job's entry stays in the consumer group's pending list, owned by its worker, until the job ends; the
 entry's idle time is the lease. Every lease/3 seconds the worker re-claims its own entries (XCLAIM ... JUSTID:
@@ -32,9 +32,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from PIL import Image
 
-from bot import redis_wire as wire
-from bot.errors import JobCancelled, UserFacingError
-from bot.executor import GpuExecutor, Job, Progress, Reporter
+from bot.errors import JobCancelled, StartupError, UserFacingError
+from bot.executor import GpuExecutor, Job
+from bot.jobs import Progress, Reporter
+from bot.redis import wire
 from bot.requests import ImagineRequest
 from bot.settings import Settings
 
@@ -391,7 +392,7 @@ class Worker:
 def _encode_outcome(outcome: Any) -> list[bytes]:
     if isinstance(outcome, str):
         return [outcome.encode()]
-    return [wire.png(image) for image in outcome]
+    return [wire.png_drawing(drawing) for drawing in outcome]
 
 
 def _encode_previews(previews: Sequence[Image.Image]) -> list[bytes]:
@@ -413,13 +414,13 @@ async def run_worker(settings: Settings, *, load_studio: Callable[[Settings], An
     """Connect to Redis, load the studio on this worker's GPU thread, and serve jobs until SIGTERM/SIGINT."""
     url = settings.redis_url.get_secret_value() if settings.redis_url else ""
     if not url:
-        raise wire.startup_error("A worker needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
+        raise StartupError("A worker needs REDIS_URL, e.g. REDIS_URL=redis://localhost:6379/0")
     redis = wire.connect(url)
     try:
         try:
             await redis.ping()
         except (aioredis.RedisError, OSError) as error:
-            raise wire.startup_error(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
+            raise StartupError(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
         slots = settings.worker_slots or settings.max_batch_images
         async with GpuExecutor(slots, max_batch=settings.max_batch_images,
                                job_timeout=settings.job_timeout_seconds,
