@@ -105,6 +105,9 @@ class JanusBot(commands.AutoShardedBot):
             await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
             await self.close()
 
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No prefix commands: the cogs listen to messages themselves (so a mention is no CommandNotFound)."""
+
     async def on_ready(self) -> None:
         log.info("Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))
 

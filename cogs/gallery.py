@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord.ext import commands
+from PIL import Image
 
 from bot.client import SORRY, reply_privately
+from bot.delivery import TokenLife
 from bot.errors import UserFacingError
-from bot.jobs import Origin
+from bot.jobs import Job, Origin
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
 from bot.requests import ImagineRequest, UpscaleRequest
 from bot.store import Gallery
@@ -225,30 +227,30 @@ class GalleryActions(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
+        token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds)
+        job: Job[Image.Image] | None = None
         try:
             origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token)
+                            interaction.token, created_at=interaction.created_at.timestamp())
             job = self.bot.backend.upscale(UpscaleRequest(tokens), owner=interaction.user.id, origin=origin,
                                            charge=charge)
+            self.bot.quota.queued(charge)
+            try:
+                await interaction.response.defer(ephemeral=True, thinking=True)
+            except discord.HTTPException as error:
+                token.refused(error)
+                log.warning("Could not acknowledge %s's upscale (%s); it goes ahead", interaction.user, error)
+            image = await self.follow_privately(interaction, token, job, f"image {index + 1}")
         except UserFacingError as error:
             await self.bot.quota.refund(charge)
-            await reply_privately(interaction, str(error))
-            return
-        try:
-            await interaction.response.defer(ephemeral=True, thinking=True)
-        except discord.HTTPException as error:
-            log.warning("Could not acknowledge %s's upscale (%s); it goes ahead", interaction.user, error)
-        what = f"image {index + 1}"
-        try:
-            image = await self.follow_privately(interaction, job, what)
-        except UserFacingError as error:
-            await self.bot.quota.refund(charge)
-            await self.tell(interaction, f"⚠️ {error}")
+            await self.tell(interaction, token, f"⚠️ {error}")
             return
         except BaseException:
-            if not getattr(job, "handed_over", False):
+            if job is None or not job.handed_over:
                 await self.bot.quota.refund(charge)
             raise
+        finally:
+            self.bot.quota.release(charge)
         record = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=gallery.prompt,
                     count=1, guidance=gallery.guidance, temperature=gallery.temperature, seed=gallery.seed,
@@ -257,15 +259,16 @@ class GalleryActions(commands.Cog):
                                      limit=upload_limit(interaction.guild))
         text = (f"**{quote(gallery.prompt, 1500)}** — {interaction.user.mention}\n"
                 f"-# Image {index + 1}, upscaled to {image.width}×{image.height}")
-        message = await self.post_reply(interaction, upscaled_layout(record, text, file), file)
+        message = await self.post_reply(interaction, token, upscaled_layout(record, text, file), file)
         if message is None:
             return
         await self.bot.store.add_gallery_messages(record, message.channel.id, [message.id])
-        await self.tell(interaction, f"Here it is: {message.jump_url}")
+        await self.tell(interaction, token, f"Here it is: {message.jump_url}")
         await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
                                     user=interaction.user, text=gallery.prompt, result=message, images=[image])
 
-    async def follow_privately(self, interaction: discord.Interaction, job: Any, what: str) -> Any:
+    async def follow_privately(self, interaction: discord.Interaction, token: TokenLife, job: Job[Any],
+                               what: str) -> Any:
         """Show the presser their place in line, then that it runs; return the job's result."""
         interval, last, shown = self.bot.settings.status_update_seconds, float("-inf"), ""
         job.changed.set()
@@ -279,17 +282,20 @@ class GalleryActions(commands.Cog):
                     else f"🔍 Upscaling {what}…")
             if text != shown:
                 shown = text
-                await self.tell(interaction, text)
+                await self.tell(interaction, token, text)
         return await job
 
-    async def tell(self, interaction: discord.Interaction, text: str) -> None:
-        """Edit the presser's private response; a missed update is harmless."""
+    async def tell(self, interaction: discord.Interaction, token: TokenLife, text: str) -> None:
+        """Edit the presser's private response while its token lives; a missed update is harmless."""
+        if not token.alive:
+            return
         try:
             await interaction.edit_original_response(content=text)
         except discord.HTTPException as error:
+            token.refused(error)
             log.debug("Could not update %s's private status: %s", interaction.user, error)
 
-    async def post_reply(self, interaction: discord.Interaction, view: discord.ui.LayoutView,
+    async def post_reply(self, interaction: discord.Interaction, token: TokenLife, view: discord.ui.LayoutView,
                          file: discord.File) -> discord.Message | None:
         """Reply to the gallery, pinging the presser; in the channel if replying is refused; None (and the
         presser told which permission is missing) if the bot cannot post there at all."""
@@ -306,7 +312,7 @@ class GalleryActions(commands.Cog):
             except discord.HTTPException as error:
                 log.warning("Could not post an upscaled image in #%s: %s", channel, error)
         missing = missing_permission(channel, files=True)
-        await self.tell(interaction, cannot_post(missing))
+        await self.tell(interaction, token, cannot_post(missing))
         return None
 
     # ---- describe, delete ------------------------------------------------------------------------------
@@ -345,14 +351,15 @@ class GalleryActions(commands.Cog):
         await reply_privately(interaction, "Deleted.")
 
 
-async def guarded(interaction: discord.Interaction, action: Awaitable[None]) -> None:
-    """Run a button's action; discord.py only logs what a dynamic item raises, so the presser is told here."""
+async def pressed(interaction: discord.Interaction, action: Awaitable[None]) -> None:
+    """Run a button's, menu's or form's action. discord.py only logs what a dynamic item raises, so what goes
+    wrong is told to whoever pressed it here."""
     try:
         await action
     except UserFacingError as error:
         await reply_privately(interaction, str(error))
     except Exception:
-        log.exception("A gallery action failed for %s", interaction.user)
+        log.exception("A button or menu under message %s failed", interaction.message and interaction.message.id)
         await reply_privately(interaction, SORRY)
 
 
@@ -375,7 +382,7 @@ class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).upscale(interaction, self.gallery_id, self.index))
+        await pressed(interaction, actions(interaction).upscale(interaction, self.gallery_id, self.index))
 
 
 class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:vary:(?P<gallery>\d+):(?P<i>\d+)"):
@@ -390,7 +397,7 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:var
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).vary(interaction, self.gallery_id, self.index))
+        await pressed(interaction, actions(interaction).vary(interaction, self.gallery_id, self.index))
 
 
 def image_options(first: int, count: int) -> list[discord.SelectOption]:
@@ -411,7 +418,7 @@ class UpscaleSelect(discord.ui.DynamicItem[discord.ui.Select],
 
     async def callback(self, interaction: discord.Interaction) -> None:
         index = int(self.item.values[0])
-        await guarded(interaction, actions(interaction).upscale(interaction, self.gallery_id, index))
+        await pressed(interaction, actions(interaction).upscale(interaction, self.gallery_id, index))
 
 
 class VarySelect(discord.ui.DynamicItem[discord.ui.Select],
@@ -428,7 +435,7 @@ class VarySelect(discord.ui.DynamicItem[discord.ui.Select],
 
     async def callback(self, interaction: discord.Interaction) -> None:
         index = int(self.item.values[0])
-        await guarded(interaction, actions(interaction).vary(interaction, self.gallery_id, index))
+        await pressed(interaction, actions(interaction).vary(interaction, self.gallery_id, index))
 
 
 class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select],
@@ -447,7 +454,7 @@ class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select],
         return cls(int(match["gallery"]), int(match["n"]), int(match["first"] or 0))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).describe(interaction, int(self.item.values[0])))
+        await pressed(interaction, actions(interaction).describe(interaction, int(self.item.values[0])))
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:reroll:(?P<gallery>\d+)"):
@@ -462,7 +469,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:r
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).reroll(interaction, self.gallery_id))
+        await pressed(interaction, actions(interaction).reroll(interaction, self.gallery_id))
 
 
 class RemixButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:remix:(?P<gallery>\d+)"):
@@ -477,7 +484,7 @@ class RemixButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:re
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).remix(interaction, self.gallery_id))
+        await pressed(interaction, actions(interaction).remix(interaction, self.gallery_id))
 
 
 class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:delete:(?P<gallery>\d+)"):
@@ -492,7 +499,7 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:d
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).delete(interaction, self.gallery_id))
+        await pressed(interaction, actions(interaction).delete(interaction, self.gallery_id))
 
 
 class ImaginePromptButton(discord.ui.DynamicItem[discord.ui.Button],
@@ -510,7 +517,7 @@ class ImaginePromptButton(discord.ui.DynamicItem[discord.ui.Button],
         return cls(int(match["prompt"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, actions(interaction).imagine_suggested(interaction, self.prompt_id))
+        await pressed(interaction, actions(interaction).imagine_suggested(interaction, self.prompt_id))
 
 
 def prompt_buttons(prompt_ids: Sequence[int]) -> discord.ui.View:
@@ -538,7 +545,7 @@ class RemixModal(discord.ui.Modal):
             self.add_item(item)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await guarded(interaction, self.cog.remixed(interaction, self.gallery_id, self.prompt.value,
+        await pressed(interaction, self.cog.remixed(interaction, self.gallery_id, self.prompt.value,
                                                     self.guidance.value, self.temperature.value))
 
 

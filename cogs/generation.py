@@ -15,12 +15,13 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.client import acknowledge, reply_privately
-from bot.delivery import Delivery, ResumedInteraction
+from bot.client import SORRY, acknowledge, reply_privately
+from bot.delivery import Delivery, ResumedInteraction, TokenLife
 from bot.errors import UserFacingError
 from bot.images import encode_png
 from bot.jobs import Job, Origin
 from bot.media import clean_text, image_files, quote, upload_limit
+from bot.places import member_contexts, pin
 from bot.requests import Drawing, ImagineRequest
 from bot.store import Gallery
 from cogs.gallery import Lineage, gallery_caption, gallery_layout, notice_layout
@@ -39,6 +40,10 @@ class Generation(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        pin(self.imagine, contexts=member_contexts(bot.settings.allow_dms))
+
+    def token_of(self, interaction: discord.Interaction, *, dead: bool = False) -> TokenLife:
+        return TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds, dead=dead)
 
     @app_commands.command()
     @app_commands.describe(
@@ -69,7 +74,8 @@ class Generation(commands.Cog):
                   parent: Lineage | None = None) -> None:
         """Admit, queue, show progress and deliver one /imagine request; also every new gallery a button or
         form makes (Re-roll, Vary, Remix, Imagine n), whose presser is admitted and charged the same way.
-        `parent` names the gallery and image a variation keeps the top of."""
+        `parent` names the gallery and image a variation keeps the top of. Whatever goes wrong once it is
+        admitted, the member is told where they are looking and the charge is refunded."""
         if not request.prompt:
             await reply_privately(interaction, "Please tell me what to draw.")
             return
@@ -79,31 +85,46 @@ class Generation(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
+        delivery = Delivery(interaction, self.token_of(interaction))
+        job: Job[list[Drawing]] | None = None
         try:
             # With a remote backend the job outlives this process: a restarted bot keeps editing this response
             # through the interaction's token, and refunds the charge if the job fails.
             origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token)
+                            interaction.token, created_at=interaction.created_at.timestamp())
             job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
-        except UserFacingError as error:
-            await self.bot.quota.refund(charge)
-            await reply_privately(interaction, str(error))
-            return
-        await acknowledge(interaction)
-        delivery = Delivery(interaction)
-        try:
+            self.bot.quota.queued(charge)
+            await acknowledge(interaction)
             drawings = await self.follow(job, request, delivery)
+            await self.deliver(interaction, request, drawings, delivery, note=job.note, parent=parent)
         except UserFacingError as error:
-            if job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
-            await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
-            return
+            await self.tell(interaction, delivery, str(error))
+        except Exception:  # a bug or a failure between here and the engine: still an answer, and a refund
+            log.exception("/imagine for %s failed", interaction.user.id)
+            await self.bot.quota.refund(charge)
+            await self.tell(interaction, delivery, SORRY)
         except BaseException:
-            if not job.handed_over:  # else a restarted bot delivers it, or refunds it
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await self.deliver(interaction, request, drawings, delivery, note=job.note, parent=parent)
+        finally:
+            self.bot.quota.release(charge)
+
+    async def tell(self, interaction: discord.Interaction, delivery: Delivery, text: str) -> None:
+        """Say why a request ended without images where its member looks: before it was acknowledged,
+        privately; then in the status message, else in the channel, else (while the token lives) privately."""
+        if not interaction.response.is_done():
+            await reply_privately(interaction, text)
+            return
+        try:
+            await delivery.send(f"⚠️ {text}", [], notice_layout, first=True)
+        except (UserFacingError, discord.HTTPException) as error:
+            log.warning("Could not tell %s why their /imagine ended (%s): %s", interaction.user, error, text)
+            if delivery.token.alive:
+                await reply_privately(interaction, f"⚠️ {text}")
 
     async def follow(self, job: Job[list[Drawing]], request: ImagineRequest,
                      delivery: Delivery) -> list[Drawing]:
@@ -176,17 +197,19 @@ class Generation(commands.Cog):
         gallery go into the original response while the interaction's token lives, else to the channel it was
         asked in, mentioning whoever asked. A job that fails is refunded."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
-        delivery = Delivery(resumed, expired=resumed.expired)  # type: ignore[arg-type]
+        delivery = Delivery(resumed, self.token_of(resumed, dead=resumed.expired))  # type: ignore[arg-type]
         try:
             drawings = await self.follow(job, request, delivery)
+            await self.deliver(resumed, request, drawings, delivery, note=job.note)  # type: ignore[arg-type]
         except UserFacingError as error:
             if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
             if job.charge is not None:
                 await self.bot.store.refund(job.charge)
-            await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
-            return
-        await self.deliver(resumed, request, drawings, delivery, note=job.note)  # type: ignore[arg-type]
+            try:
+                await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
+            except (UserFacingError, discord.HTTPException) as failure:
+                log.warning("Could not tell %s why their /imagine ended (%s): %s", resumed.user, failure, error)
 
 
 def status_text(job: Job[Any], request: ImagineRequest) -> str:

@@ -225,6 +225,7 @@ class RedisBackend:
                 if job.origin.token:
                     pipe.set(wire.reply_key(job.id), json.dumps({
                         "application": str(job.origin.application_id), "token": job.origin.token,
+                        "created": job.origin.created_at,
                     }), ex=min(self.ttl, TOKEN_SECONDS))
             pipe.xadd(wire.JOBS, {"job": job.id, "kind": kind, "weight": job.weight, "request": payload})
             *_, entry_id = await pipe.execute()
@@ -400,7 +401,7 @@ class RedisBackend:
                 self, job_id=job_id, kind=kind, owner=int(meta["owner"]),
                 weight=request.count if isinstance(request, ImagineRequest) else 1,
                 origin=Origin(int(meta["guild"]), int(meta["channel"]), int(reply.get("application", 0)),
-                              reply.get("token", ""), int(meta.get("message", 0))))
+                              reply.get("token", ""), int(meta.get("message", 0)), float(reply.get("created", 0))))
             job.entry_id = queued.get(job_id, "0-1")  # not queued any more: ran or is running (or was lost)
             job.charge = charge_from(meta["charge"]) if meta.get("charge") else None
             self.jobs[job_id] = job

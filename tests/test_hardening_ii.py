@@ -1,0 +1,336 @@
+"""Hardening II: nothing is spent before admission, hostile text and a slow Discord cannot hurt the bot.
+User stories through SimCord and the tiny models (issue 11); helpers shared with test_hardening.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import discord
+import pytest
+import simcord
+from PIL import Image
+from scene import Scene, open_scene
+from test_hardening import LIMIT, TOKENS, Witness, encoded, taken_in, told_privately, usage
+
+from bot.client import SORRY, JanusBot
+from bot.media import MESSAGE_LIMIT
+
+
+@pytest.fixture
+async def simcord_bot(make_bot) -> JanusBot:
+    return await make_bot(max_answer_tokens=TOKENS, images_per_prompt=1)
+
+
+@pytest.fixture
+def scene(simcord_env: simcord.Env) -> Scene:
+    return open_scene(simcord_env)
+
+
+def count_downloads(env: simcord.Env, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every attachment the bot downloads from (SimCord's) CDN, by URL."""
+    fetched: list[str] = []
+    fetch = env.bot.http.get_from_cdn
+
+    async def counting(url: str) -> bytes:
+        fetched.append(url)
+        return await fetch(url)
+
+    monkeypatch.setattr(env.bot.http, "get_from_cdn", counting)
+    return fetched
+
+
+def message_reads(scene: Scene) -> list[str]:
+    """The bot's reads of single messages (how it walks a reply chain)."""
+    return [e.path for e in scene.env.http_requests if e.method == "GET" and "/messages/" in e.path]
+
+
+def png(size: tuple[int, int] = (8, 8), color: Any = (200, 30, 30)) -> bytes:
+    return encoded(Image.new("RGB", size, color), "PNG")
+
+
+# ---- 1. admission before any work -------------------------------------------------------------------------
+
+
+async def test_a_member_who_may_not_ask_costs_no_download_and_no_chain_walk(scene, studio, make_bot,
+                                                                            monkeypatch):
+    env, guild = scene.env, scene.guild
+    await env.restart_bot(await make_bot(max_answer_tokens=TOKENS, cooldown_seconds=600))
+    env.bot.studio = witness = Witness(studio)
+    managers = guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
+    admin = guild.add_member(env.create_user("admin"), roles=[managers])
+    downloads = count_downloads(env, monkeypatch)
+
+    # A conversation with the bot: a picture, its answer, a follow-up, its answer.
+    first = await scene.alice.send(scene.channel, f"{scene.mention} what is this?", attachments=[("a.png", png())])
+    await env.advance_time(601)
+    answer = scene.bot_messages()[-1]
+    await scene.alice.send(scene.channel, f"{scene.mention} and the colour?", reply_to=answer)
+    chain_end = scene.bot_messages()[-1]
+    assert len(witness.asked) == 2 and len(downloads) == 2 and first.attachments  # the chain re-reads a.png
+    downloads.clear()
+    reads_before = len(message_reads(scene))
+
+    async def ask_more() -> str:
+        await scene.alice.send(scene.channel, f"{scene.mention} and now?", reply_to=chain_end,
+                               attachments=[("b.png", png())])
+        return scene.bot_messages()[-1].content
+
+    assert "Please wait" in await ask_more()  # the cooldown
+    await env.advance_time(601)
+    await admin.slash(scene.channel, "limits set", questions_per_user=0)
+    assert await ask_more() == "Questions are turned off on this server."
+    await admin.slash(scene.channel, "limits reset")
+    elsewhere = guild.create_text_channel("elsewhere")
+    await admin.slash(scene.channel, "limits channel add", channel=elsewhere)
+    assert "not enabled in this channel" in await ask_more()
+    await admin.slash(scene.channel, "limits reset")
+    dm = scene.alice.user.dm_channel
+    stored = env.backend.store_attachments(dm.id, [("c.png", png())])
+    await scene.alice.send_dm("what is this?", attachments=stored)
+    assert dm.history()[-1].content == "I only work in servers, not in direct messages."
+
+    assert len(witness.asked) == 2 and downloads == []  # refused before anything was downloaded
+    assert len(message_reads(scene)) == reads_before  # nor was the reply chain read
+    await scene.alice.send(scene.channel, f"{scene.mention} and now?", reply_to=chain_end,
+                           attachments=[("b.png", png())])
+    assert len(witness.asked) == 3 and len(downloads) == 2  # once allowed, it is all read (a.png, b.png)
+
+
+class SlowCdn:
+    """SimCord's CDN, except that downloads wait until the test opens the gate."""
+
+    def __init__(self, env: simcord.Env, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open, self.started = asyncio.Event(), []
+        fetch = env.bot.http.get_from_cdn
+
+        async def slow(url: str) -> bytes:
+            self.started.append(url)
+            await self.open.wait()
+            return await fetch(url)
+
+        monkeypatch.setattr(env.bot.http, "get_from_cdn", slow)
+
+
+async def test_a_burst_of_questions_admits_only_the_members_queue_cap(scene, studio, monkeypatch):
+    env = scene.env
+    env.bot.studio = witness = Witness(studio)
+    assert env.bot.settings.max_queued_per_user == 2
+    photo = await scene.bob.send(scene.channel, "look", attachments=[("p.png", png())])
+    forms = [await scene.alice.context_menu(scene.channel, "Ask Janus", photo) for _ in range(2)]
+    cdn = SlowCdn(env, monkeypatch)
+
+    for index in range(4):  # sent together: each is still downloading when the next one comes
+        await taken_in(env, scene.alice.slash(scene.channel, "describe", image=(f"{index}.png", png())))
+    for shown in forms:
+        [field] = [c for row in shown.modal["components"] for c in row["components"]]
+        await taken_in(env, scene.alice.submit_modal(shown, {field["custom_id"]: "what is this?"}))
+    cdn.open.set()
+    await env.settle()
+
+    assert len(cdn.started) == 2 and len(witness.asked) == 2
+    refusals = told_privately(scene, scene.alice)
+    assert refusals == ["You already have 2 requests waiting; please wait for them to finish."] * 4
+    assert "Questions: 2/50 used" in await usage(scene, scene.alice)
+    assert (await scene.alice.slash(scene.channel, "describe", image=("n.png", png()))).response.content == (
+        "saw [RGB 8x8 (200, 30, 30)]")  # every place was given back
+
+
+# ---- 3. every accepted request ends with a result or a clear message --------------------------------------
+
+
+class Broken(Witness):
+    """The real studio, except that what comes back from the GPU is not what the cog expects."""
+
+    def ask_batch(self, requests, reports):
+        return [None for _ in requests]
+
+    def imagine_batch(self, requests, reports):
+        return [[object()] for _ in requests]
+
+
+async def test_an_unexpected_error_after_admission_is_told_and_refunded(scene, studio, caplog):
+    env = scene.env
+    env.bot.studio = Broken(studio)
+
+    drawn = await scene.alice.slash(scene.channel, "imagine", prompt="a lighthouse", count=1)
+    assert drawn.response.content == f"⚠️ {SORRY}"  # not a status left at "Starting…"
+    asked = await scene.alice.slash(scene.channel, "describe", image=("a.png", png()))
+    assert asked.response.content == SORRY
+    await scene.alice.send(scene.channel, f"{scene.mention} hello?")
+    assert scene.bot_messages()[-1].content == SORRY
+    assert told_privately(scene, scene.alice) == []
+    text = await usage(scene, scene.alice)
+    assert "Generations: 0/20 used" in text and "Questions: 0/50 used" in text
+    assert sum(r.levelno == logging.ERROR and r.exc_info is not None for r in caplog.records) == 3
+
+    env.bot.studio = Witness(studio)  # the bot keeps serving
+    assert (await scene.alice.slash(scene.channel, "imagine", prompt="a lighthouse", count=1)).response.attachments
+
+
+# ---- 5. interaction tokens: no storm of rejected calls ----------------------------------------------------
+
+
+def calls_with_token(scene: Scene, result: simcord.InteractionResult) -> list[str]:
+    token = result._interaction.token  # SimCord's record of the interaction
+    return [f"{e.method} {e.path}" for e in scene.env.http_requests if token in e.path]
+
+
+async def test_a_token_discord_calls_invalid_is_never_used_again(scene, studio):
+    env = scene.env
+    env.bot.studio = Witness(studio)
+    env.inject_error("PATCH", "/webhooks/*/messages/@original", status=401, code=50027,
+                     message="Invalid Webhook Token", times=None)  # what Discord answers after 15 minutes
+
+    result = await scene.alice.slash(scene.channel, "imagine", prompt="a lighthouse", count=1)
+    used = calls_with_token(scene, result)
+    assert used[0].startswith("POST /interactions/") and len(used) == 2  # acknowledged, then one refused edit
+    posted = scene.bot_messages()[-1]
+    assert posted.content.startswith(f"{scene.alice.mention} **a lighthouse**") and posted.attachments
+
+    asked = await scene.alice.slash(scene.channel, "describe", image=("a.png", png()))
+    assert len(calls_with_token(scene, asked)) == 2
+    assert scene.bot_messages()[-1].content == f"{scene.alice.mention} saw [RGB 8x8 (200, 30, 30)]"
+
+
+class Slow(Witness):
+    """The real studio, except that the first job takes (on SimCord's clock) `minutes` before it starts."""
+
+    def __init__(self, real: Any, env: simcord.Env, minutes: float) -> None:
+        super().__init__(real)
+        self.env, self.minutes, self.loop = env, minutes, asyncio.get_running_loop()
+        self.moved = threading.Event()
+        self.calls_before: int | None = None
+
+    def _pass_time(self) -> None:
+        if self.moved.is_set():
+            return
+
+        def move() -> None:
+            self.calls_before = len(self.env.http_requests)
+            self.env.backend.advance_clock(self.minutes * 60)
+            self.moved.set()
+
+        self.loop.call_soon_threadsafe(move)
+        self.moved.wait(LIMIT)
+
+    def ask_batch(self, requests, reports):
+        self._pass_time()
+        return super().ask_batch(requests, reports)
+
+    def imagine_batch(self, requests, reports):
+        self._pass_time()
+        return super().imagine_batch(requests, reports)
+
+
+@pytest.mark.parametrize("command", ["imagine", "describe"])
+async def test_a_token_about_to_expire_is_dropped_for_the_channel(scene, studio, make_bot, command):
+    env = scene.env
+    await env.restart_bot(await make_bot(max_answer_tokens=TOKENS, job_timeout_seconds=3600))
+    env.bot.studio = slow = Slow(studio, env, minutes=14.5)  # Discord would still take it, for 30 seconds
+    options = {"prompt": "a lighthouse", "count": 1} if command == "imagine" else {"image": ("a.png", png())}
+
+    result = await scene.alice.slash(scene.channel, command, **options)
+
+    later = [e.path for e in env.http_requests[slow.calls_before:]]
+    token = result._interaction.token
+    assert later and not any(token in path for path in later)
+    posted = scene.bot_messages()[-1]
+    assert posted.id != result.response.id and posted.content.startswith(scene.alice.mention)
+    assert posted.attachments if command == "imagine" else posted.content.endswith("saw [RGB 8x8 (200, 30, 30)]")
+    assert env.bot.settings.interaction_token_seconds == 840  # the default: 14 of Discord's 15 minutes
+
+
+# ---- 8. commands appear only where they work --------------------------------------------------------------
+
+
+def synced(env: simcord.Env) -> dict[str, dict]:
+    *_, body = [e.json for e in env.http_requests if e.method == "PUT" and e.path.endswith("/commands")]
+    return {command["name"]: command for command in body}  # the latest start's
+
+
+@pytest.mark.parametrize("allow_dms", [False, True])
+async def test_every_command_is_pinned_to_server_installs_and_its_places(scene, make_bot, allow_dms):
+    env = scene.env
+    await env.restart_bot(await make_bot(allow_dms=allow_dms))
+    commands = synced(env)
+    assert set(commands) >= {"imagine", "describe", "Ask Janus", "usage", "limits", "status"}
+    guild, dm = 0, 1  # Discord's interaction context types
+    for name, command in commands.items():
+        assert command["integration_types"] == [0], name  # server installs only, whatever the portal says
+        expected = [guild] if name in ("limits", "status") or not allow_dms else [guild, dm]
+        assert command["contexts"] == expected, name
+
+
+# ---- 9. errors from buttons reach the presser -------------------------------------------------------------
+
+
+async def test_a_reroll_whose_delivery_fails_tells_the_presser_and_refunds(scene, studio):
+    env = scene.env
+    env.bot.studio = Witness(studio)
+    gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a kite", count=1)).response
+    env.inject_error("PATCH", "/webhooks/*/messages/@original", status=500, times=None)
+    env.inject_error("POST", f"/channels/{scene.channel.id}/messages", status=403, code=50013,
+                     message="Missing Permissions", times=None)
+
+    pressed = await scene.alice.click(gallery, label="Re-roll")
+
+    assert "please ask an admin" in pressed.response.content
+    assert "Generations: 1/20 used" in await usage(scene, scene.alice)  # the re-roll was given back
+    assert env.errors == []
+
+
+# ---- 11. nothing cut -------------------------------------------------------------------------------------
+
+
+async def test_a_caption_full_of_markdown_fits_and_keeps_its_end(scene, studio, make_bot):
+    await scene.env.restart_bot(await make_bot(max_prompt_length=2000, images_per_prompt=1))
+    scene.env.bot.studio = Witness(studio)
+    prompt = "*_~`|>" * 333  # 1,998 characters; escaped, twice as many
+
+    result = await scene.alice.slash(scene.channel, "imagine", prompt=prompt, count=1, seed=5)
+
+    caption = result.response.content
+    assert result.response.attachments and len(caption) <= MESSAGE_LIMIT
+    assert caption.startswith("**\\*\\_") and "seed `5`" in caption and caption.endswith("1 image(s) · 128×128")
+
+
+class Talkative(Witness):
+    def ask(self, request: Any, report: Any = None) -> str:
+        return ("word " * 399 + "wordy ") * 2 + "THE END"  # two full messages and a bit
+
+
+async def test_a_long_answer_sent_to_the_channel_loses_nothing(scene, studio):
+    env = scene.env
+    env.bot.studio = Talkative(studio)
+    env.inject_error("PATCH", "/webhooks/*/messages/@original", status=401, code=50027, times=None)
+
+    await scene.alice.slash(scene.channel, "describe", image=("a.png", png()))
+
+    posted = [m.content for m in scene.bot_messages() if m.content.startswith(scene.alice.mention)]
+    assert len(posted) == 3 and all(len(text) <= MESSAGE_LIMIT for text in posted)
+    words = " ".join(text.removeprefix(scene.alice.mention) for text in posted).split()
+    assert words == ["word"] * 399 + ["wordy"] + ["word"] * 399 + ["wordy", "THE", "END"]
+
+
+# ---- 10. log hygiene -------------------------------------------------------------------------------------
+
+
+async def test_an_ordinary_mention_logs_no_error(scene, studio, caplog):
+    """The bot has no prefix commands, so a mention is no failed command: discord.py would log each one as
+    CommandNotFound at ERROR (in tests SimCord's own listener silences that log, so listen for the event)."""
+    scene.env.bot.studio = Witness(studio)
+    failed: list[BaseException] = []
+
+    async def command_error(_context: Any, error: BaseException) -> None:
+        failed.append(error)
+
+    scene.env.bot.add_listener(command_error, "on_command_error")
+    with caplog.at_level(logging.DEBUG):
+        await scene.alice.send(scene.channel, f"{scene.mention} hello")
+        await scene.alice.send(scene.channel, f"{scene.mention}help me")
+    assert [m.content for m in scene.bot_messages()] == ["saw []", "saw []"]
+    assert failed == [] and [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
