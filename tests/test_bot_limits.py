@@ -360,7 +360,7 @@ async def test_a_failed_generation_is_refunded(simcord_env: simcord.Env,
 
     bot.studio = FailingStudio(studio, RuntimeError("the model fell over"))
     told = await imagine(server.alice, server.general)
-    assert told.response.content == f"⚠️ {SORRY}"
+    assert text_of(told.response) == f"⚠️ {SORRY}"
     logged = [record.exc_info[1] for record in caplog.records if record.exc_info]
     assert any("the model fell over" in str(error) for error in logged)
     captured = [getattr(error, "original", error) for error in simcord_env.errors]  # see test above

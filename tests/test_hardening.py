@@ -395,7 +395,7 @@ async def test_an_engine_exception_reaches_only_its_requester_and_the_queue_keep
     await env.settle()
 
     assert engine.batches == [2, 1, 1]  # together, then each alone
-    assert response_to(scene, scene.alice).content == f"⚠️ {SORRY}"  # the status says so; nothing hangs
+    assert text_of(response_to(scene, scene.alice)) == f"⚠️ {SORRY}"  # the status says so; nothing hangs
     assert is_gallery(response_to(scene, scene.bob), "a red fox") and told_privately(scene, scene.bob) == []
     assert "Generations: 0/20 used" in await usage(scene, scene.alice)
     logged = [str(record.exc_info[1]) for record in caplog.records if record.exc_info]
@@ -691,7 +691,7 @@ async def test_a_whole_story_logs_nothing_of_the_token(scene, studio, make_bot, 
         await scene.alice.send(scene.channel, f"{scene.mention} and this?", attachments=[("a.txt", b"text")])
         assert drew(await scene.alice.slash(scene.channel, "imagine", prompt="a cat", count=1), "a cat")
         bot.studio, _engine = faulty_studio(studio, lambda _texts: RuntimeError("engine broke"))
-        assert (await scene.alice.slash(scene.channel, "imagine", prompt="a dog", count=1)).response.content == (
+        assert text_of((await scene.alice.slash(scene.channel, "imagine", prompt="a dog", count=1)).response) == (
             f"⚠️ {SORRY}")
         await scene.alice.slash(scene.channel, "usage")
 
