@@ -172,12 +172,12 @@ class UsageStore:
 
     async def add_gallery_messages(self, gallery_id: int, channel_id: int, message_ids: Sequence[int]) -> None:
         """Remember the messages (in one channel) a gallery was posted in."""
-        async with self._transaction() as db:
-            async with db.executemany(
-                "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING", [(gallery_id, channel_id, message_id) for message_id in message_ids],
-            ):
-                pass
+        rows = [(gallery_id, channel_id, message_id) for message_id in message_ids]
+        async with self._transaction() as db, db.executemany(
+            "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING", rows,
+        ):
+            pass  # the cursor closes here: an open one would keep the WAL from being checkpointed at close
 
     async def gallery_messages(self, gallery_id: int) -> list[tuple[int, int]]:
         """(channel id, message id) of each message a gallery was posted in, oldest first."""
