@@ -241,9 +241,15 @@ class GalleryActions(commands.Cog):
                 token.refused(error)
                 log.warning("Could not acknowledge %s's upscale (%s); it goes ahead", interaction.user, error)
             image = await self.follow_privately(interaction, token, job, f"image {index + 1}")
+            message = await self.post_upscaled(interaction, token, gallery_id, gallery, index, tokens, image)
         except UserFacingError as error:
             await self.bot.quota.refund(charge)
             await self.tell(interaction, token, f"⚠️ {error}")
+            return
+        except Exception:  # a bug or a failure between here and the engine: still an answer, and a refund
+            log.exception("Upscaling for %s failed", interaction.user.id)
+            await self.bot.quota.refund(charge)
+            await self.tell(interaction, token, f"⚠️ {SORRY}")
             return
         except BaseException:
             if job is None or not job.handed_over:
@@ -251,6 +257,18 @@ class GalleryActions(commands.Cog):
             raise
         finally:
             self.bot.quota.release(charge)
+        if message is None:  # nowhere to post it (the presser was told which permission is missing)
+            await self.bot.quota.refund(charge)
+            return
+        await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                    user=interaction.user, text=gallery.prompt, result=message,
+                                    images=[image])
+
+    async def post_upscaled(self, interaction: discord.Interaction, token: TokenLife, gallery_id: int,
+                            gallery: Gallery, index: int, tokens: tuple[int, ...],
+                            image: Image.Image) -> discord.Message | None:
+        """Post the upscaled image as a reply to the gallery, with a Delete button for the presser; None if the
+        bot cannot post in the channel."""
         record = await self.bot.store.save_gallery(
             Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=gallery.prompt,
                     count=1, guidance=gallery.guidance, temperature=gallery.temperature, seed=gallery.seed,
@@ -260,12 +278,10 @@ class GalleryActions(commands.Cog):
         text = (f"**{quote(gallery.prompt, 1500)}** — {interaction.user.mention}\n"
                 f"-# Image {index + 1}, upscaled to {image.width}×{image.height}")
         message = await self.post_reply(interaction, token, upscaled_layout(record, text, file), file)
-        if message is None:
-            return
-        await self.bot.store.add_gallery_messages(record, message.channel.id, [message.id])
-        await self.tell(interaction, token, f"Here it is: {message.jump_url}")
-        await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                    user=interaction.user, text=gallery.prompt, result=message, images=[image])
+        if message is not None:
+            await self.bot.store.add_gallery_messages(record, message.channel.id, [message.id])
+            await self.tell(interaction, token, f"Here it is: {message.jump_url}")
+        return message
 
     async def follow_privately(self, interaction: discord.Interaction, token: TokenLife, job: Job[Any],
                                what: str) -> Any:
@@ -286,7 +302,11 @@ class GalleryActions(commands.Cog):
         return await job
 
     async def tell(self, interaction: discord.Interaction, token: TokenLife, text: str) -> None:
-        """Edit the presser's private response while its token lives; a missed update is harmless."""
+        """Edit the presser's private response while its token lives (or answer privately, before it was
+        acknowledged); a missed update is harmless."""
+        if not interaction.response.is_done():
+            await reply_privately(interaction, text)
+            return
         if not token.alive:
             return
         try:

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from scene import Scene, components_of, decode, labels, open_scene, text_displays, text_of
 
+from bot.errors import JobFailed
 from bot.requests import AskRequest
+from bot.studio import OUT_OF_MEMORY_UPSCALING
 from cogs.gallery import kept_rows
 from cogs.understanding import NO_PROMPTS
 
@@ -154,6 +156,30 @@ async def test_upscale_posts_that_image_alone_at_twice_the_side_as_a_reply(scene
     assert difference(image, again[1]) < 1 < difference(image, again[0])
     assert (await scene.alice.click(reply, label="Delete")).ephemeral  # not hers: refused
     assert (await scene.bob.click(reply, label="Delete")).response.content == "Deleted."
+
+
+class FailingUpscale:
+    """The real studio, except that upscaling fails as an out-of-memory GPU would make it."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def upscale(self, request, report=None):
+        raise JobFailed(OUT_OF_MEMORY_UPSCALING)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+async def test_a_failed_upscale_is_told_privately_and_refunded(scene, studio):
+    gallery = await draw(scene)
+    scene.env.bot.studio = FailingUpscale(studio)
+
+    told = await scene.bob.click(gallery, label="U1")
+
+    assert told.ephemeral and told.response.content == f"⚠️ {OUT_OF_MEMORY_UPSCALING}"
+    assert not [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
+    assert "Generations: 0/20 used" in (await scene.bob.slash(scene.channel, "usage")).response.content
 
 
 # ---- Vary ------------------------------------------------------------------------------------------------------
