@@ -184,7 +184,19 @@ class GalleryActions(commands.Cog):
         """A form with the prompt, guidance and temperature; what is sent is drawn with the same seed."""
         if (gallery := await self.known_gallery(interaction, gallery_id)) is None:
             return
-        await interaction.response.send_modal(RemixModal(self, gallery_id, gallery))
+        await interaction.response.send_modal(RemixModal(gallery_id, gallery))
+
+    @commands.Cog.listener()
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A submitted Remix form, whenever it was opened (see RemixModal)."""
+        data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
+        if interaction.type is not discord.InteractionType.modal_submit:
+            return
+        if (match := REMIX_FORM.fullmatch(str(data.get("custom_id", "")))) is None:
+            return
+        values = submitted_values(data.get("components") or [])
+        await pressed(interaction, self.remixed(interaction, int(match["gallery"]), values.get("prompt", ""),
+                                                values.get("guidance", ""), values.get("temperature", "")))
 
     async def remixed(self, interaction: discord.Interaction, gallery_id: int, prompt: str, guidance: str,
                       temperature: str) -> None:
@@ -549,24 +561,33 @@ def prompt_buttons(prompt_ids: Sequence[int]) -> discord.ui.View:
 
 
 class RemixModal(discord.ui.Modal):
-    """The gallery's prompt, guidance and temperature, to edit; drawn with the same seed."""
+    """The gallery's prompt, guidance and temperature, to edit; drawn with the same seed. The form is not kept in
+    memory: `GalleryActions.on_interaction` reads each submission from its custom id and values alone, so a form
+    opened before a restart still works after it."""
 
-    def __init__(self, cog: GalleryActions, gallery_id: int, gallery: Gallery) -> None:
-        super().__init__(title="Remix", custom_id=f"janus:remix-form:{gallery_id}")
-        self.cog, self.gallery_id = cog, gallery_id
-        self.prompt: discord.ui.TextInput[RemixModal] = discord.ui.TextInput(
-            label="Prompt", default=gallery.prompt[:2000], max_length=2000, style=discord.TextStyle.paragraph,
-            custom_id="prompt")
-        self.guidance: discord.ui.TextInput[RemixModal] = discord.ui.TextInput(
-            label="Guidance (1-10)", default=f"{gallery.guidance:g}", max_length=8, custom_id="guidance")
-        self.temperature: discord.ui.TextInput[RemixModal] = discord.ui.TextInput(
-            label="Temperature (0-1)", default=f"{gallery.temperature:g}", max_length=8, custom_id="temperature")
-        for item in (self.prompt, self.guidance, self.temperature):
-            self.add_item(item)
+    def __init__(self, gallery_id: int, gallery: Gallery) -> None:
+        super().__init__(title="Remix", custom_id=f"janus:remix-form:{gallery_id}", timeout=None)
+        self.add_item(discord.ui.TextInput(label="Prompt", default=gallery.prompt[:2000], max_length=2000,
+                                           style=discord.TextStyle.paragraph, custom_id="prompt"))
+        self.add_item(discord.ui.TextInput(label="Guidance (1-10)", default=f"{gallery.guidance:g}", max_length=8,
+                                           custom_id="guidance"))
+        self.add_item(discord.ui.TextInput(label="Temperature (0-1)", default=f"{gallery.temperature:g}",
+                                           max_length=8, custom_id="temperature"))
+        self.stop()  # a finished modal is not stored by send_modal: every submission goes to the listener
 
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        await pressed(interaction, self.cog.remixed(interaction, self.gallery_id, self.prompt.value,
-                                                    self.guidance.value, self.temperature.value))
+
+REMIX_FORM = re.compile(r"janus:remix-form:(?P<gallery>\d+)")
+
+
+def submitted_values(components: Sequence[Any]) -> dict[str, str]:
+    """custom id -> value of every text input in a modal submission's components (rows and labels nest them)."""
+    values: dict[str, str] = {}
+    for component in components:
+        if isinstance(component.get("value"), str) and component.get("custom_id"):
+            values[component["custom_id"]] = component["value"]
+        nested = component.get("components") or ([component["component"]] if component.get("component") else [])
+        values.update(submitted_values(nested))
+    return values
 
 
 DYNAMIC_ITEMS = (UpscaleButton, VaryButton, UpscaleSelect, VarySelect, DescribeSelect, RerollButton, RemixButton,

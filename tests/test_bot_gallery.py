@@ -245,6 +245,11 @@ async def test_every_action_works_after_a_restart(scene, studio, make_bot):
     shown = await scene.alice.click(gallery, label="Remix")
     remixed = await scene.alice.submit_modal(shown, {"prompt": "a paper plane", "guidance": "5", "temperature": "1"})
     assert "a paper plane" in text_of(remixed.response)
+    opened = await scene.bob.click(gallery, label="Remix")  # a form open while the bot restarts
+    await scene.env.restart_bot(await make_bot(images_per_prompt=2))
+    scene.env.bot.studio = PromptWriter(studio)
+    sent = await scene.bob.submit_modal(opened, {"prompt": "a paper crane", "guidance": "5", "temperature": "1"})
+    assert text_of(sent.response).startswith(f"**a paper crane** — {scene.bob.mention}")
     described = await scene.alice.select(gallery, ["1"])
     assert described.response.content == f"saw {fingerprint((await images_of(gallery))[1])}"
     imagined = (await scene.bob.click(written.response, label="Imagine 3")).response
