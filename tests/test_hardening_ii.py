@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import tracemalloc
 from typing import Any
 
 import discord
 import pytest
 import simcord
-from PIL import Image
+from PIL import Image, ImageDraw
 from scene import Scene, open_scene
 from test_hardening import LIMIT, TOKENS, Witness, encoded, taken_in, told_privately, usage
 
@@ -379,3 +380,88 @@ def test_prompts_without_typed_tokens_encode_as_the_processor_does(studio):
                              pad_to_multiple_of=multiple, return_tensors="pt")
         got = encode_prompts(processor, prompts, images, generation_mode=mode, pad_to_multiple_of=multiple)
         assert set(got) == set(expected) and all(got[key].equal(expected[key]) for key in expected), mode
+
+
+# ---- 4. moderation sees the whole conversation -------------------------------------------------------------
+
+
+async def test_banned_words_are_found_in_everything_the_model_would_read(scene, studio):
+    env, guild = scene.env, scene.guild
+    env.bot.studio = witness = Witness(studio)
+    managers = guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
+    admin = guild.add_member(env.create_user("admin"), roles=[managers])
+    mod_log = guild.create_text_channel("mod-log")
+    await admin.slash(scene.channel, "limits log", channel=mod_log)
+    await admin.slash(scene.channel, "limits banned-word add", word="gore")
+    refusal = "That contains “gore”, which this server doesn't allow."
+
+    drawn = await scene.alice.slash(scene.channel, "imagine", prompt="a ｇｏｒｅ scene")  # full-width letters
+    assert drawn.ephemeral and drawn.response.content == refusal
+    await scene.alice.send(scene.channel, f"{scene.mention} tell me about GORE")
+    refused = scene.bot_messages()[-1]
+    assert refused.content == refusal
+    await scene.alice.send(scene.channel, "go on", reply_to=refused)  # the banned turn is in the chain
+    assert scene.bot_messages()[-1].content == refusal
+    await scene.bob.send(scene.channel, f"{scene.mention} what is a fox?")
+    answer = scene.bot_messages()[-1]
+    await admin.slash(scene.channel, "limits banned-word add", word="fox")  # now the earlier turn is banned
+    await scene.bob.send(scene.channel, "and its colour?", reply_to=answer)
+    assert scene.bot_messages()[-1].content == refusal.replace("gore", "fox")
+    quoted = await scene.bob.send(scene.channel, "ﬁne ｆｏｘ pictures here")  # "ﬁ" is one character
+    await scene.alice.send(scene.channel, f"{scene.mention} what is this about?", reply_to=quoted)
+    assert scene.bot_messages()[-1].content == refusal.replace("gore", "fox")
+
+    assert [request.question for request in witness.asked] == ["what is a fox?"]
+    logged = [m.content for m in scene.bot_messages(mod_log) if m.content.startswith("**Refused")]
+    assert len(logged) == 5
+    assert all(scene.alice.mention in text or scene.bob.mention in text for text in logged)
+    assert "> a ｇｏｒｅ scene" in logged[0] and "/imagine" in logged[0] and "tell me about GORE" in logged[1]
+    text = await usage(scene, scene.alice)
+    assert "Generations: 0/20 used" in text and "Questions: 0/50 used" in text
+
+
+# ---- 2. decoding is bounded ------------------------------------------------------------------------------
+
+
+def deep_png(size: tuple[int, int] = (5000, 4000)) -> bytes:
+    """A 16-bit grey PNG of about 48 kB that decodes to 20 megapixels (40 MB; 240 MB as floats)."""
+    image = Image.new("I;16", size, 300)
+    ImageDraw.Draw(image).rectangle((0, 0, size[0] // 2, size[1] // 2), fill=60000)  # top-left quarter: white
+    return encoded(image, "PNG")
+
+
+async def test_small_files_that_decode_huge_cost_bounded_memory(scene, studio):
+    env = scene.env
+    env.bot.studio = witness = Witness(studio)
+    files = [(f"deep{index}.png", deep_png()) for index in range(4)]
+    assert all(len(data) < 100_000 for _, data in files)
+
+    tracemalloc.start()
+    try:
+        await scene.alice.send(scene.channel, f"{scene.mention} what are these?", attachments=files)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB traced at the peak"  # 229 MiB of floats before
+    [request] = witness.asked
+    assert [image.size for image in request.images] == [(768, 614)] * 4  # aspect kept, at most 768 px a side
+    assert all(min(image.getpixel((100, 100))) > 240 > max(image.getpixel((700, 500))) for image in request.images)
+    held = sum(len(image.tobytes()) for image in request.images)
+    assert held < 6 * 2**20  # what waits in the queue: 5.4 MiB instead of 229 MiB of full-size RGB
+
+
+async def test_only_a_few_images_are_decoded_at_once_in_the_whole_bot(scene, studio, monkeypatch):
+    env = scene.env
+    env.bot.studio = Witness(studio)
+    assert env.bot.settings.decode_concurrency == 2
+    carol = scene.guild.add_member(env.create_user("carol"))
+    cdn = SlowCdn(env, monkeypatch)
+
+    for member in (scene.alice, scene.bob, carol):  # three members, each sending a picture at the same time
+        await taken_in(env, member.send(scene.channel, f"{scene.mention} what is this?",
+                                        attachments=[("a.png", png())]))
+    assert len(cdn.started) == 2  # the third waits for a decoding slot
+    cdn.open.set()
+    await env.settle()
+    assert len(cdn.started) == 3 and [m.content for m in scene.bot_messages()] == ["saw [RGB 8x8 (200, 30, 30)]"] * 3
