@@ -17,7 +17,9 @@ from scene import Scene, open_scene
 from test_hardening import LIMIT, TOKENS, Witness, encoded, taken_in, told_privately, usage
 
 from bot.client import SORRY, JanusBot
+from bot.logs import configure_logging
 from bot.media import MESSAGE_LIMIT
+from bot.settings import Settings
 
 
 @pytest.fixture
@@ -465,3 +467,35 @@ async def test_only_a_few_images_are_decoded_at_once_in_the_whole_bot(scene, stu
     cdn.open.set()
     await env.settle()
     assert len(cdn.started) == 3 and [m.content for m in scene.bot_messages()] == ["saw [RGB 8x8 (200, 30, 30)]"] * 3
+
+
+# ---- 10. interaction tokens never reach the logs ---------------------------------------------------------
+
+INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5OnNlY3JldA.x-Y_z"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_interaction_tokens_in_urls_are_redacted_at_every_level(capsys, log_format):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = []  # configure_logging replaces (and closes) the root handlers: keep pytest's out of it
+    webhook = f"https://discord.com/api/v10/webhooks/1234/{INTERACTION_TOKEN}/messages/@original"
+    callback = f"https://discord.com/api/v10/interactions/5678/{INTERACTION_TOKEN}/callback"
+    try:
+        configure_logging(Settings(_env_file=None, log_level="DEBUG", log_format=log_format))  # no bot token
+        log = logging.getLogger("discord.http")
+        log.debug("PATCH %s with %s has returned %s", webhook, None, 401)  # as discord.py logs each request
+        log.info("POST %s has returned 204", callback)
+        try:
+            raise RuntimeError(f"401 Unauthorized for {webhook}")
+        except RuntimeError:
+            log.exception("Request failed")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    written = capsys.readouterr().err
+    assert INTERACTION_TOKEN not in written
+    assert written.count("/webhooks/1234/[redacted]/messages/@original") == 2  # the message and the traceback
+    assert "/interactions/5678/[redacted]/callback" in written and "has returned 401" in written
