@@ -499,3 +499,19 @@ def test_interaction_tokens_in_urls_are_redacted_at_every_level(capsys, log_form
     assert INTERACTION_TOKEN not in written
     assert written.count("/webhooks/1234/[redacted]/messages/@original") == 2  # the message and the traceback
     assert "/interactions/5678/[redacted]/callback" in written and "has returned 401" in written
+
+
+def test_pillow_is_at_least_the_release_without_known_advisories():
+    """Pillow 13.0 fixes the advisories published against 12.3.0 (and 12.3.0 those against 12.2, ...)."""
+    import tomllib
+    from pathlib import Path
+
+    import PIL
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    [floor] = [r.split(">=")[1].split(",")[0] for r in project["dependencies"] if r.startswith("pillow>=")]
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    assert release(floor) >= (13, 0) and release(PIL.__version__) >= release(floor)
