@@ -318,6 +318,21 @@ async def test_a_long_answer_sent_to_the_channel_loses_nothing(scene, studio):
     assert words == ["word"] * 399 + ["wordy"] + ["word"] * 399 + ["wordy", "THE", "END"]
 
 
+async def test_a_long_answer_whose_question_vanished_loses_nothing(scene, studio):
+    env = scene.env
+    env.bot.studio = Talkative(studio)
+    env.inject_error("POST", f"/channels/{scene.channel.id}/messages", status=400, code=50035,
+                     message="Unknown message")  # the reply: the question was deleted meanwhile
+
+    await scene.alice.send(scene.channel, f"{scene.mention} tell me everything")
+
+    posted = [m.content for m in scene.bot_messages()]
+    assert len(posted) == 3 and all(text.startswith(scene.alice.mention) for text in posted)
+    assert all(len(text) <= MESSAGE_LIMIT for text in posted)
+    words = " ".join(text.removeprefix(scene.alice.mention) for text in posted).split()
+    assert words == ["word"] * 399 + ["wordy"] + ["word"] * 399 + ["wordy", "THE", "END"]
+
+
 # ---- 10. log hygiene -------------------------------------------------------------------------------------
 
 
