@@ -23,7 +23,7 @@ from bot.store import UsageStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.admin", "cogs.status")
+EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.gallery", "cogs.admin", "cogs.status")
 SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
 SHUTDOWN_GRACE_SECONDS = 60.0
 

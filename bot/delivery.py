@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -57,7 +58,8 @@ class TokenLife:
 @dataclass
 class Delivery:
     """Where a gallery goes: the interaction's original response while its token lives (young enough, never
-    refused), else the channel."""
+    refused), else the channel. Every message is Components V2 (a status, an error, a gallery), built by a
+    `layout` from its text."""
 
     interaction: discord.Interaction
     token: TokenLife
@@ -72,25 +74,27 @@ class Delivery:
                 log.warning("Could not update the /imagine response: %s", error)
         return None
 
-    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
+    async def send(self, text: str, files: list[discord.File], layout: Callable[[str], discord.ui.LayoutView],
                    first: bool) -> discord.Message:
+        """The first message replaces the original response; later ones are follow-ups. In the channel instead
+        (once the token is gone), the text starts with the requester's mention, who alone is pinged."""
         if first:
-            message = await self.edit(content=content, attachments=files, view=view)
+            message = await self.edit(view=layout(text), attachments=files)
             if message is not None:
                 return message
         elif self.token.alive:
             try:
-                return await self.interaction.followup.send(content, files=files, wait=True)
+                return await self.interaction.followup.send(view=layout(text), files=files, wait=True)
             except discord.HTTPException as error:
                 self.token.refused(error)
                 log.warning("Follow-up failed (%s); posting in the channel instead", error)
         for file in files:
             file.reset()
-        mention, channel = self.interaction.user.mention, self.interaction.channel
+        user, channel = self.interaction.user, self.interaction.channel
         try:
             return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}", files=files, view=view or discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+                view=layout(f"{user.mention} {text}"), files=files,
+                allowed_mentions=discord.AllowedMentions(users=[user]),
             )
         except discord.Forbidden as error:  # say which permission to ask an admin for
             missing = missing_permission(channel, files=bool(files))
@@ -165,21 +169,26 @@ class InteractionOutput:
             self.token.refused(error)
             log.debug("Streaming update failed: %s", error)
 
-    async def finish(self, chunks: list[str]) -> None:
+    async def finish(self, chunks: list[str], view: discord.ui.View | None = None) -> None:
+        """The answer in full; `view` (buttons) goes under its last chunk."""
         sent = 0
+        last = len(chunks) - 1
         try:
             if self.token.alive:
-                await self.interaction.edit_original_response(content=chunks[0])
+                await self.interaction.edit_original_response(content=chunks[0], view=view if last == 0 else None)
                 sent = 1
             while sent < len(chunks) and self.token.alive:
-                await self.interaction.followup.send(chunks[sent])
+                await self.interaction.followup.send(chunks[sent], view=view if view is not None and sent == last else MISSING)
                 sent += 1
         except discord.HTTPException as error:  # the token is dead, or Discord failed: to the channel
             self.token.refused(error)
             log.warning("Could not answer through the interaction (%s); posting in the channel", error)
         user = self.interaction.user
-        for part in with_prefix(user.mention, chunks[sent:]):
-            await self.interaction.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[user]))  # type: ignore[union-attr]
+        parts = with_prefix(user.mention, chunks[sent:])
+        for index, part in enumerate(parts, 1):
+            await self.interaction.channel.send(  # type: ignore[union-attr]
+                part, view=view if view is not None and index == len(parts) else MISSING,
+                allowed_mentions=discord.AllowedMentions(users=[user]))
 
 
 @dataclass

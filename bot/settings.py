@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     decode_concurrency: int = Field(2, ge=1, le=64, description="Images downloaded and decoded at once")
     status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
     preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
+    vary_keep_rows: int | None = Field(None, ge=1, description="Token rows Vary keeps from the top; unset = a third")
     interaction_token_seconds: float = Field(840.0, gt=0, le=900,
                                              description="Use a command's reply this long, then post in the channel")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")

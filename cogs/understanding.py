@@ -14,13 +14,23 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
+from bot import prompts
 from bot.client import SORRY, acknowledge, reply_privately
 from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction, TokenLife
 from bot.errors import UserFacingError
 from bot.jobs import Charge, Job, Origin
-from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
+from bot.media import (
+    check_attachment,
+    clean_text,
+    is_image,
+    missing_permission,
+    quote,
+    read_images,
+    split_message,
+)
 from bot.places import member_contexts, pin
 from bot.requests import AskRequest, Turn
+from cogs.gallery import prompt_buttons
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -33,6 +43,8 @@ MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
 DESCRIBE = "Describe this image in detail."
 NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
 TYPING_CURSOR = " ▌"
+NO_PROMPTS = ("I couldn't write prompts for this image this time: my answer wasn't a list of prompts. "
+              "Please try again, or ask me about it with `question:`.")
 
 
 class Understanding(commands.Cog):
@@ -244,11 +256,66 @@ class Understanding(commands.Cog):
     # ---- slash command and context menu ----------------------------------------------------------------
 
     @app_commands.command()
-    @app_commands.describe(image="The image to look at", question="What you want to know (default: describe it)")
+    @app_commands.describe(image="The image to look at",
+                           question="What you want to know (default: four prompts that could draw it)")
     async def describe(self, interaction: discord.Interaction, image: discord.Attachment,
                        question: app_commands.Range[str, 1, 2000] | None = None) -> None:
-        """Ask Janus about an image."""
-        await self.answer_interaction(interaction, [image], clean_text(question or "") or DESCRIBE)
+        """Ask Janus about an image, or have it write prompts that could draw it."""
+        if question is None:
+            await self.write_prompts(interaction, image)
+        else:  # a question of only invisible characters: describe it
+            await self.answer_interaction(interaction, [image], clean_text(question) or DESCRIBE)
+
+    async def write_prompts(self, interaction: discord.Interaction, attachment: discord.Attachment) -> None:
+        """Up to four short prompts that could draw the image, numbered, each with an "Imagine n" button; one
+        question for the limits. An answer that is no list of prompts gets a polite word instead; whatever else
+        goes wrong once admitted, the member is told in the response and the charge is refunded."""
+        max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
+        try:
+            check_attachment(attachment, max_bytes=max_bytes)
+            charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                                user=interaction.user, text=prompts.QUESTION, typed="")
+        except UserFacingError as error:
+            await reply_privately(interaction, str(error))
+            return
+        output = self.output_for(interaction)
+        job: Job[str] | None = None
+        try:
+            await acknowledge(interaction)
+            images = await read_images([attachment], max_bytes=max_bytes, limit=1, decoding=self.decoding)
+            request = AskRequest(prompts.QUESTION, tuple(images), seed=random.randrange(2**31),
+                                 max_new_tokens=self.bot.settings.max_answer_tokens)
+            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                            interaction.token, created_at=interaction.created_at.timestamp())
+            job = self.bot.backend.ask(request, owner=interaction.user.id, origin=origin, charge=charge)
+            self.bot.quota.queued(charge)
+            answer = await job
+            if written := prompts.parse_prompts(answer):
+                ids = await self.bot.store.save_prompts(interaction.guild_id or 0, interaction.user.id, written)
+                lines = "\n".join(f"{number}. {quote(prompt, prompts.MAX_PROMPT_CHARS)}"
+                                  for number, prompt in enumerate(written, 1))
+                await output.finish([f"**Prompts that could draw this image**\n{lines}"], view=prompt_buttons(ids))
+            else:
+                await output.finish([NO_PROMPTS])
+        except UserFacingError as error:
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+                return
+            await self.bot.quota.refund(charge)
+            await output.finish([str(error)])
+            return
+        except Exception:  # a bug or a failure between here and the engine: still an answer, and a refund
+            log.exception("Writing prompts for %s failed", interaction.user.id)
+            await self.bot.quota.refund(charge)
+            await output.finish([SORRY])
+            return
+        except BaseException:
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
+                await self.bot.quota.refund(charge)
+            raise
+        finally:
+            self.bot.quota.release(charge)
+        await self.bot.quota.report("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                    user=interaction.user, text=prompts.QUESTION, answer=answer)
 
     async def ask_about_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """Context menu: ask about the images of any message (a short form asks what to ask)."""

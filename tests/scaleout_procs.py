@@ -5,7 +5,8 @@ on PYTHONPATH, settings from the environment):
   in FAKE_STEPS steps through the same executor and batcher, reporting progress at each step, a preview halfway.
   A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after its first report;
   `fail me` makes the batch raise once drawn (the worker reports the job failed). Questions are answered with
-  their images' sizes, half of the answer reported first; `slow:S` and `fail me` work in them too.
+  their images' sizes, half of the answer reported first; `slow:S` and `fail me` work in them too. An upscale is a
+  solid square four times as large, coloured by its first two tokens.
   Every request it starts is appended to FAKE_RUNS as `pid prompt`.
 - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one /imagine job with an origin through a
   RedisBackend, prints `queued JOB_ID`, then `progress JOB_ID` once the worker reports, and waits to be killed.
@@ -26,7 +27,7 @@ from PIL import Image
 
 from bot.jobs import Progress, Reporter
 from bot.logs import configure_logging
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings, load_settings
 
 STEPS = int(os.environ.get("FAKE_STEPS", "10"))
@@ -63,6 +64,11 @@ class FakeStudio:
             raise RuntimeError("the fake studio was asked to fail")
         return [[Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
                  for i in range(r.count)] for r in requests]
+
+    def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
+        """A solid square four times a drawing's side, coloured by its tokens."""
+        self._note(f"upscale {','.join(map(str, request.tokens))}")
+        return Image.new("RGB", (4 * SIDE, 4 * SIDE), color("upscale", *request.tokens[:2]))
 
     def ask(self, request: AskRequest, report: Reporter | None = None) -> str:
         self._note(request.question)

@@ -17,6 +17,7 @@ import discord
 import pytest
 import simcord
 from discord import app_commands
+from scene import text_of
 
 from bot.client import SORRY, JanusBot
 from bot.errors import JobFailed, QuotaExceeded
@@ -354,12 +355,12 @@ async def test_a_failed_generation_is_refunded(simcord_env: simcord.Env,
 
     bot.studio = FailingStudio(studio, JobFailed("The GPU ran out of memory for this request."))
     told = await imagine(server.alice, server.general)
-    assert told.response.content == "⚠️ The GPU ran out of memory for this request."
+    assert text_of(told.response) == "⚠️ The GPU ran out of memory for this request."
     assert "Generations: 0/1 used" in await usage(server.alice, server.general)
 
     bot.studio = FailingStudio(studio, RuntimeError("the model fell over"))
     told = await imagine(server.alice, server.general)
-    assert told.response.content == f"⚠️ {SORRY}"
+    assert text_of(told.response) == f"⚠️ {SORRY}"
     logged = [record.exc_info[1] for record in caplog.records if record.exc_info]
     assert any("the model fell over" in str(error) for error in logged)
     captured = [getattr(error, "original", error) for error in simcord_env.errors]  # see test above

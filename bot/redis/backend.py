@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from PIL import Image
 
 from bot.backends import NOT_ACCEPTING, Deliver
 from bot.errors import JobCancelled, JobFailed, QueueFull, StartupError, UserFacingError
@@ -32,7 +33,7 @@ from bot.executor import Job
 from bot.jobs import Charge, JobKind, Origin, Progress
 from bot.limits import ALLOWED
 from bot.redis import wire
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings
 from bot.status import BackendStatus, WorkerStatus
 
@@ -138,6 +139,11 @@ class RedisBackend:
                 charge: Charge | None = None) -> RedisJob[list[Drawing]]:
         return self._submit(request, owner=owner, weight=request.count, origin=origin, charge=charge)
 
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> RedisJob[Image.Image]:
+        # No origin: nothing re-attaches an upscale, so it ends with this process (and is refunded).
+        return self._submit(request, owner=owner, weight=1, origin=None, charge=charge)
+
     def jobs_of(self, owner: int) -> int:
         return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())
 
@@ -178,7 +184,8 @@ class RedisBackend:
         waiting = sum(1 for job in self.jobs.values() if job.position)
         if waiting >= self.settings.queue_size:
             raise QueueFull(f"{waiting} requests are already waiting; please try again in a minute.")
-        kind = "imagine" if isinstance(request, ImagineRequest) else "ask"
+        kind = ("imagine" if isinstance(request, ImagineRequest)
+                else "upscale" if isinstance(request, UpscaleRequest) else "ask")
         job: RedisJob[Any] = RedisJob(self, job_id=uuid.uuid4().hex, kind=kind, owner=owner, weight=weight,
                                       origin=origin, charge=charge)  # the charge goes into the awaiting record
         self.jobs[job.id] = job
@@ -342,6 +349,8 @@ class RedisBackend:
                 outcome = JobFailed(EXPIRED)
             elif job.kind == "ask":
                 outcome = blobs[0].decode()
+            elif job.kind == "upscale":
+                outcome = await asyncio.to_thread(wire.unpng, blobs[0])
             else:
                 outcome = await asyncio.to_thread(lambda: [wire.unpng_drawing(blob) for blob in blobs])
         elif kind == wire.FAILED:

@@ -29,7 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from PIL import Image, PngImagePlugin
 
-from bot.requests import AskRequest, Drawing, ImagineRequest, Turn
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn, UpscaleRequest
 
 JOBS = "janus:jobs"
 DEAD = "janus:dead"
@@ -49,7 +49,7 @@ STARTED, RESTARTED, PROGRESS, PREVIEW, DONE, FAILED, CANCELLED = (
     "started", "restarted", "progress", "preview", "done", "failed", "cancelled")
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
-Request = AskRequest | ImagineRequest
+Request = AskRequest | ImagineRequest | UpscaleRequest
 
 
 def events_key(job_id: str) -> str:
@@ -145,6 +145,8 @@ def encode_request(request: Request) -> tuple[str, str, list[Image.Image]]:
         data = {"prompt": request.prompt, "count": request.count, "guidance": request.guidance,
                 "temperature": request.temperature, "seed": request.seed, "keep": list(request.keep)}
         return "imagine", json.dumps(data), []
+    if isinstance(request, UpscaleRequest):
+        return "upscale", json.dumps({"tokens": list(request.tokens)}), []
     images: list[Image.Image] = []
 
     def refer(batch: tuple[Image.Image, ...]) -> list[int]:
@@ -163,6 +165,8 @@ def decode_request(kind: str, payload: str, images: Sequence[Image.Image | None]
     data: dict[str, Any] = json.loads(payload)
     if kind == "imagine":
         return ImagineRequest(**{**data, "keep": tuple(data.get("keep", ()))})
+    if kind == "upscale":
+        return UpscaleRequest(tuple(data["tokens"]))
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
         return tuple(image for i in indices if (image := images[i]) is not None)

@@ -36,7 +36,7 @@ from bot.errors import JobCancelled, StartupError, UserFacingError
 from bot.executor import GpuExecutor, Job
 from bot.jobs import Progress, Reporter
 from bot.redis import wire
-from bot.requests import ImagineRequest
+from bot.requests import ImagineRequest, UpscaleRequest
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,9 @@ class Worker:
             if isinstance(held.request, ImagineRequest):
                 held.job = self.executor.submit_batched(self.imagine_batch, held.request, weight=held.weight,
                                                         kind="imagine")
+            elif isinstance(held.request, UpscaleRequest):
+                held.job = self.executor.submit(functools.partial(self.studio.upscale, held.request),
+                                                kind="upscale")
             else:
                 held.job = self.executor.submit(functools.partial(self.studio.ask, held.request), kind="ask")
             task = asyncio.create_task(self._relay(held), name=f"relay-{held.job_id}")
@@ -392,6 +395,8 @@ class Worker:
 def _encode_outcome(outcome: Any) -> list[bytes]:
     if isinstance(outcome, str):
         return [outcome.encode()]
+    if isinstance(outcome, Image.Image):  # an upscale
+        return [wire.png(outcome)]
     return [wire.png_drawing(drawing) for drawing in outcome]
 
 
