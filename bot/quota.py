@@ -50,12 +50,12 @@ class Quota:
         return self.defaults if guild is None else await self.bot.store.policy(guild.id, self.defaults)
 
     async def admit(self, kind: Kind, *, guild: discord.Guild | None, channel: Place,
-                    user: discord.abc.User, text: str) -> Charge:
+                    user: discord.abc.User, text: str, typed: str | None = None) -> Charge:
         """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see, before
-        anything is downloaded or read. `text` is what the member wrote: its length is limited and it is checked
-        for banned words (check the rest of what the model will read, such as quoted messages and earlier turns,
-        with `moderate` once it is read). The request holds its member's place until `queued`, `refund` or
-        `release`."""
+        anything is downloaded or read. `text` is checked for banned words (check the rest of what the model
+        will read, such as quoted messages and earlier turns, with `moderate` once it is read); `typed` is the
+        part the member wrote, whose length the limit counts (default: all of `text`). The request holds its
+        member's place until `queued`, `refund` or `release`."""
         if guild is None and not self.bot.settings.allow_dms:
             raise QuotaExceeded("I only work in servers, not in direct messages.")
         policy = await self.policy(guild)
@@ -65,7 +65,7 @@ class Quota:
             raise QuotaExceeded(f"I'm not enabled in this channel on this server; try {places}.")
         if kind == "imagine" and policy.nsfw_only and not is_nsfw(channel):
             raise QuotaExceeded("On this server, /imagine works only in age-restricted (NSFW) channels.")
-        length = len(text)
+        length = len(text if typed is None else typed)
         if length > policy.max_prompt_length:
             raise BadPrompt(f"That's {length} characters; the limit here is {policy.max_prompt_length}. "
                             "Please shorten it and try again.")
