@@ -53,9 +53,9 @@ class Quota:
                     user: discord.abc.User, text: str, typed: str | None = None) -> Charge:
         """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see, before
         anything is downloaded or read. `text` is checked for banned words (check the rest of what the model
-        will read with `moderate` once it is read); `typed` is the part the member wrote, whose length the limit
-        counts (default: all of `text`). The request holds its member's place until `queued`, `refund` or
-        `release`."""
+        will read, such as quoted messages and earlier turns, with `moderate` once it is read); `typed` is the
+        part the member wrote, whose length the limit counts (default: all of `text`). The request holds its
+        member's place until `queued`, `refund` or `release`."""
         if guild is None and not self.bot.settings.allow_dms:
             raise QuotaExceeded("I only work in servers, not in direct messages.")
         policy = await self.policy(guild)
