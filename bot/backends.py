@@ -9,10 +9,12 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from PIL import Image
+
 from bot.errors import QueueFull
 from bot.executor import GpuExecutor
 from bot.jobs import Charge, Job, JobKind, Origin, Reporter
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings
 from bot.status import BackendStatus, WorkerStatus
 
@@ -34,6 +36,11 @@ class Backend(Protocol):
     def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
                 charge: Charge | None = None) -> Job[list[Drawing]]:
         """Queue a gallery, as `ask` does."""
+        ...
+
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[Image.Image]:
+        """Queue one gallery image's upscale, as `ask` does; it does not outlive the bot (no re-attaching)."""
         ...
 
     async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
@@ -78,6 +85,14 @@ class LocalBackend:
         self._check_accepting()
         job = self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
                                            owner=owner)
+        job.origin, job.charge = origin, charge
+        return job
+
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> Job[Image.Image]:
+        self._check_accepting()
+        job = self.executor.submit(lambda report: self.studio().upscale(request, report), kind="upscale",
+                                   owner=owner)
         job.origin, job.charge = origin, charge
         return job
 

@@ -23,7 +23,7 @@ from bot.store import UsageStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.admin", "cogs.status")
+EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.gallery", "cogs.admin", "cogs.status")
 SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
 SHUTDOWN_GRACE_SECONDS = 60.0
 
@@ -104,6 +104,9 @@ class JanusBot(commands.AutoShardedBot):
             self.exit_code = 1
             await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
             await self.close()
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No prefix commands: the cogs listen to messages themselves (so a mention is no CommandNotFound)."""
 
     async def on_ready(self) -> None:
         log.info("Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import discord
@@ -16,47 +18,83 @@ from discord.webhook.async_ import async_context, handle_message_parameters
 
 from bot.errors import UserFacingError
 from bot.jobs import Origin
-from bot.media import cannot_post, missing_permission
+from bot.media import cannot_post, missing_permission, with_prefix
 
 log = logging.getLogger(__name__)
+
+# Discord's answers to a token it will never take again: 404 Unknown Webhook / Unknown Interaction before it
+# was used, and, 15 minutes after the interaction, 401 Invalid Webhook Token. Each refusal counts against the
+# bot's IP (10,000 invalid requests in 10 minutes ban it), so a token is dropped after the first.
+DEAD_TOKEN_CODES = frozenset({10015, 10062, 50027})
+
+
+def token_refused(error: discord.HTTPException) -> bool:
+    """Whether `error` says the interaction's token is dead (unknown or expired), not a passing failure."""
+    return error.status in (401, 404) or error.code in DEAD_TOKEN_CODES
+
+
+@dataclass
+class TokenLife:
+    """Whether an interaction's token may still be used: young enough, and never refused by Discord."""
+
+    created_at: datetime
+    max_seconds: float  # INTERACTION_TOKEN_SECONDS: a little less than Discord's 15 minutes
+    dead: bool = False
+
+    @property
+    def alive(self) -> bool:
+        if not self.dead and (discord.utils.utcnow() - self.created_at).total_seconds() >= self.max_seconds:
+            log.info("An interaction token is %.0f s old; posting in the channel from now on", self.max_seconds)
+            self.dead = True
+        return not self.dead
+
+    def refused(self, error: discord.HTTPException) -> bool:
+        """Note Discord's refusal; True (and the token is dropped) when it means the token is dead."""
+        if token_refused(error):
+            self.dead = True
+        return self.dead
 
 
 @dataclass
 class Delivery:
-    """Where a gallery goes: the interaction's original response while its token lives, else the channel."""
+    """Where a gallery goes: the interaction's original response while its token lives (young enough, never
+    refused), else the channel. Every message is Components V2 (a status, an error, a gallery), built by a
+    `layout` from its text."""
 
     interaction: discord.Interaction
-    expired: bool = False
+    token: TokenLife
 
     async def edit(self, **fields: Any) -> discord.Message | None:
-        if self.expired:
+        if not self.token.alive:
             return None
         try:
             return await self.interaction.edit_original_response(**fields)
-        except discord.NotFound:
-            self.expired = True
         except discord.HTTPException as error:
-            log.warning("Could not update the /imagine response: %s", error)
+            if not self.token.refused(error):
+                log.warning("Could not update the /imagine response: %s", error)
         return None
 
-    async def send(self, content: str, files: list[discord.File], view: discord.ui.View | None,
+    async def send(self, text: str, files: list[discord.File], layout: Callable[[str], discord.ui.LayoutView],
                    first: bool) -> discord.Message:
+        """The first message replaces the original response; later ones are follow-ups. In the channel instead
+        (once the token is gone), the text starts with the requester's mention, who alone is pinged."""
         if first:
-            message = await self.edit(content=content, attachments=files, view=view)
+            message = await self.edit(view=layout(text), attachments=files)
             if message is not None:
                 return message
-        elif not self.expired:
+        elif self.token.alive:
             try:
-                return await self.interaction.followup.send(content, files=files, wait=True)
+                return await self.interaction.followup.send(view=layout(text), files=files, wait=True)
             except discord.HTTPException as error:
+                self.token.refused(error)
                 log.warning("Follow-up failed (%s); posting in the channel instead", error)
         for file in files:
             file.reset()
-        mention, channel = self.interaction.user.mention, self.interaction.channel
+        user, channel = self.interaction.user, self.interaction.channel
         try:
             return await channel.send(  # type: ignore[union-attr]
-                f"{mention} {content}"[:2000], files=files, view=view or discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]),
+                view=layout(f"{user.mention} {text}"), files=files,
+                allowed_mentions=discord.AllowedMentions(users=[user]),
             )
         except discord.Forbidden as error:  # say which permission to ask an admin for
             missing = missing_permission(channel, files=bool(files))
@@ -93,7 +131,13 @@ class ReplyOutput:
 
     async def finish(self, chunks: list[str]) -> None:
         first, *rest = chunks
-        previous = await self._final_first(first)
+        try:
+            previous = await self._final_first(first)
+        except discord.HTTPException:  # e.g. the question was deleted meanwhile: to the channel, mentioning
+            author = self.message.author
+            for part in with_prefix(author.mention, chunks):
+                await self.message.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[author]))
+            return
         for chunk in rest:
             previous = await previous.reply(chunk, mention_author=False)
 
@@ -103,42 +147,48 @@ class ReplyOutput:
                 return await self.reply.edit(content=text)
             except discord.HTTPException:
                 log.warning("Could not edit the streamed reply; sending the answer anew")
-        try:
-            return await self.message.reply(text)
-        except discord.HTTPException:  # e.g. the question was deleted meanwhile
-            return await self.message.channel.send(f"{self.message.author.mention} {text}"[:2000],
-                                                   allowed_mentions=discord.AllowedMentions(users=[self.message.author]))
+        return await self.message.reply(text)
 
 
 class InteractionOutput:
-    """Streams into a deferred interaction's original response; further chunks are follow-ups."""
+    """Streams into a deferred interaction's original response while its token lives (young enough, never
+    refused); further chunks are follow-ups; what the token can no longer carry goes to the channel."""
 
-    def __init__(self, interaction: discord.Interaction) -> None:
-        self.interaction = interaction
+    def __init__(self, interaction: discord.Interaction, token: TokenLife) -> None:
+        self.interaction, self.token = interaction, token
 
     def working(self) -> contextlib.AbstractAsyncContextManager[object]:
         return contextlib.nullcontext()  # the deferred "thinking…" response already says so
 
     async def show(self, text: str) -> None:
+        if not self.token.alive:
+            return
         try:
             await self.interaction.edit_original_response(content=text)
-        except (discord.HTTPException, ValueError) as error:  # ValueError: a resumed one without a token
+        except discord.HTTPException as error:
+            self.token.refused(error)
             log.debug("Streaming update failed: %s", error)
 
-    async def finish(self, chunks: list[str]) -> None:
+    async def finish(self, chunks: list[str], view: discord.ui.View | None = None) -> None:
+        """The answer in full; `view` (buttons) goes under its last chunk."""
         sent = 0
+        last = len(chunks) - 1
         try:
-            await self.interaction.edit_original_response(content=chunks[0])
-            sent = 1
-            for chunk in chunks[1:]:
-                await self.interaction.followup.send(chunk)
+            if self.token.alive:
+                await self.interaction.edit_original_response(content=chunks[0], view=view if last == 0 else None)
+                sent = 1
+            while sent < len(chunks) and self.token.alive:
+                await self.interaction.followup.send(chunks[sent], view=view if view is not None and sent == last else MISSING)
                 sent += 1
-        except (discord.HTTPException, ValueError):  # token expired (15 min), or Discord failed: to the channel
-            channel = self.interaction.channel
-            mention = self.interaction.user.mention
-            for chunk in chunks[sent:]:
-                await channel.send(f"{mention} {chunk}"[:2000],  # type: ignore[union-attr]
-                                   allowed_mentions=discord.AllowedMentions(users=[self.interaction.user]))
+        except discord.HTTPException as error:  # the token is dead, or Discord failed: to the channel
+            self.token.refused(error)
+            log.warning("Could not answer through the interaction (%s); posting in the channel", error)
+        user = self.interaction.user
+        parts = with_prefix(user.mention, chunks[sent:])
+        for index, part in enumerate(parts, 1):
+            await self.interaction.channel.send(  # type: ignore[union-attr]
+                part, view=view if view is not None and index == len(parts) else MISSING,
+                allowed_mentions=discord.AllowedMentions(users=[user]))
 
 
 @dataclass
@@ -153,6 +203,7 @@ class ResumedInteraction:
     guild_id: int | None
     guild: discord.Guild | None
     followup: discord.Webhook | None  # None without a token: nothing to edit, everything goes to the channel
+    created_at: datetime = field(default_factory=discord.utils.utcnow)  # the interaction's: its token's age
 
     @classmethod
     async def of(cls, bot: discord.Client, origin: Origin, owner: int) -> ResumedInteraction:
@@ -163,8 +214,9 @@ class ResumedInteraction:
         webhook = None
         if origin.application_id and origin.token:
             webhook = discord.Webhook.partial(origin.application_id, origin.token, client=bot)
+        created = datetime.fromtimestamp(origin.created_at, UTC) if origin.created_at else discord.utils.utcnow()
         return cls(user, channel, guild_id, bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
-                   webhook)
+                   webhook, created)
 
     @property
     def expired(self) -> bool:

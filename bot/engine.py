@@ -6,6 +6,7 @@ Plain synchronous torch, meant to run on the executor's GPU thread. Nothing here
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from transformers import (
     JanusForConditionalGeneration,
     StaticCache,
 )
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
+from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from bot.images import to_rgb
 from bot.jobs import Progress, Reporter
@@ -29,6 +32,46 @@ from bot.requests import AskRequest, Drawing, ImagineRequest, Turn  # defined wi
 log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this when shapes must repeat (static cache)
+
+# Private-use characters put around each special token a member typed (<image_placeholder>, <|User|>, ...), so
+# that `encode_prompts` encodes it as the plain text it is made of: it never stands for an image or a turn.
+_TYPED, _TYPED_END = "\U000f0000", "\U000f0001"
+_TYPED_TOKEN = re.compile(f"{_TYPED}(.*?){_TYPED_END}", re.DOTALL)
+
+
+def mark_special_tokens(text: str, special: re.Pattern[str]) -> str:
+    """Member text with every special token in it marked as typed (markers already in it are dropped)."""
+    text = text.replace(_TYPED, "").replace(_TYPED_END, "")
+    return special.sub(lambda match: f"{_TYPED}{match[0]}{_TYPED_END}", text)
+
+
+def encode_prompts(processor: AutoProcessor, prompts: Sequence[str], images: Sequence[Image.Image], *,
+                   generation_mode: str, pad_to_multiple_of: int | None = None) -> BatchFeature:
+    """What `processor(text=prompts, images=images, generation_mode=..., padding=True, return_tensors="pt")`
+    gives (left-padded input_ids and attention_mask, pixel_values), except that the special tokens
+    `mark_special_tokens` marked are encoded as plain text: the template's own stay special."""
+    tokenizer = processor.tokenizer
+    image_tokens = processor.image_token * processor.num_image_tokens
+    one_image = processor.image_start_token + image_tokens + processor.image_end_token  # as the processor expands
+    rows = []
+    for prompt in prompts:
+        if generation_mode == "text" and processor.use_default_system_prompt:
+            prompt = DEFAULT_SYSTEM_PROMPT + prompt
+        elif generation_mode == "image":
+            prompt += processor.image_start_token
+        ids: list[int] = []
+        for index, piece in enumerate(_TYPED_TOKEN.split(prompt)):  # [template, typed, template, typed, ...]
+            if index % 2:
+                ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece or index == 0:  # the first piece gets BOS (from the tokenizer's post-processor)
+                ids += tokenizer(piece.replace(processor.image_token, one_image),
+                                 add_special_tokens=index == 0)["input_ids"]
+        rows.append(ids)
+    data = dict(tokenizer.pad({"input_ids": rows}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                              padding_side="left", return_tensors="pt"))
+    if images:
+        data["pixel_values"] = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    return BatchFeature(data)
 
 
 @dataclass
@@ -131,6 +174,8 @@ class JanusEngine:
             if compile else self._forward
         )
         self.tokenizer = processor.tokenizer
+        longest_first = sorted(self.tokenizer.added_tokens_encoder, key=len, reverse=True)  # typed, they are text
+        self.special_tokens = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
         self.device, self.dtype = model.device, model.dtype
         self.preview_seconds = preview_seconds  # None: no previews; 0: after every finished row
         vision = model.config.vision_config
@@ -164,7 +209,7 @@ class JanusEngine:
         messages, images = [], []
         for turn in (*request.history, Turn("user", request.question, request.images)):
             content: list[dict] = [{"type": "image"} for _ in turn.images]
-            content.append({"type": "text", "text": turn.text})
+            content.append({"type": "text", "text": mark_special_tokens(turn.text, self.special_tokens)})
             messages.append({"role": turn.role, "content": content})
             images.extend(to_rgb(image) for image in turn.images)
         return messages, images
@@ -181,8 +226,7 @@ class JanusEngine:
             messages, pictures = self._conversation(request)
             prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
             images.extend(pictures)
-        inputs = self.processor(text=prompts, images=images or None, generation_mode="text", padding=True,
-                                return_tensors="pt")
+        inputs = encode_prompts(self.processor, prompts, images, generation_mode="text")
         inputs = inputs.to(self.device, dtype=self.dtype) if images else inputs.to(self.device)
         longest = max(r.max_new_tokens for r in requests)
         eos = self.model.generation_config.eos_token_id
@@ -205,7 +249,8 @@ class JanusEngine:
 
     def prompt_text(self, prompt: str) -> str:
         """The chat-formatted prompt for image generation (the processor appends <begin_of_image>)."""
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        text = mark_special_tokens(prompt, self.special_tokens)
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def prepare_batch(self, requests: Sequence[ImagineRequest]) -> ImageBatch:
@@ -218,9 +263,9 @@ class JanusEngine:
             filler = ImagineRequest(real[-1].prompt, count=(1 << total.bit_length()) - total, temperature=0)
             requests = [*real, filler]
         # With a static cache, prompt lengths are rounded up too (left padding), for the same reason.
-        inputs = self.processor(text=[self.prompt_text(r.prompt) for r in requests], generation_mode="image",
-                                padding=True, pad_to_multiple_of=PROMPT_BUCKET if self.static_cache else None,
-                                return_tensors="pt")
+        inputs = encode_prompts(self.processor, [self.prompt_text(r.prompt) for r in requests], [],
+                                generation_mode="image",
+                                pad_to_multiple_of=PROMPT_BUCKET if self.static_cache else None)
         counts = torch.tensor([r.count for r in requests])
         cond = inputs["input_ids"].repeat_interleave(counts, dim=0)  # [B, L] prompt-major, as HF does
         mask = inputs["attention_mask"].repeat_interleave(counts, dim=0)

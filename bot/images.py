@@ -9,12 +9,14 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bot.errors import BadAttachment
 
 MAX_PIXELS = 40_000_000  # about 6300 x 6300; larger images are refused before they are expanded in memory
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MAX_SIDE = 768  # twice Janus-Pro's 384 px input: the model sees no more, so no more is kept in memory
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what we advertise; Pillow's other decoders are never tried
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is refused, not half-read
 
@@ -35,12 +37,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode untrusted bytes to an RGB image (first frame of an animation), or raise BadAttachment."""
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """The image scaled down (aspect kept) so that neither side exceeds `max_side`; as it is if it fits."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)  # any mode, 16-bit grey included
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> Image.Image:
+    """Decode untrusted PNG, JPEG, WebP or GIF bytes to an upright RGB image (EXIF orientation applied; the
+    first frame of an animation) of at most `max_side` px a side, or raise BadAttachment. Only one full-size
+    copy of the pixels exists, and only during this call."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 width, height = image.size
                 if width < 1 or height < 1:
                     raise BadAttachment("That image is empty.")
@@ -50,8 +63,10 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         "please send a smaller one."
                     )
                 image.seek(0)  # animated GIF/WebP/APNG: the first frame
+                image.draft(image.mode, (max_side, max_side))  # JPEG: decode at a smaller scale right away
                 image.load()
-                return to_rgb(image).copy()
+                upright = ImageOps.exif_transpose(shrink(image, max_side))  # phone photos are stored sideways
+                return to_rgb(upright).copy()
     except BadAttachment:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -55,6 +55,7 @@ class Origin:
     application_id: int = 0
     token: str = field(default="", repr=False)
     message_id: int = 0
+    created_at: float = 0.0  # when the interaction was made (POSIX seconds): its token dies 15 minutes later
 
 
 class Job(Protocol[T_co]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -162,11 +163,12 @@ def format_duration(duration: timedelta) -> str:
 
 
 def banned_word_in(text: str, words: Iterable[str]) -> str | None:
-    """The first of `words` found in `text` as a whole word or phrase, ignoring case; None if none is.
+    """The first of `words` found in `text` as a whole word or phrase, ignoring case and Unicode look-alike
+    forms (NFKC: full-width letters, ligatures, ...); None if none is.
 
-    A banned "cat" does not match "category"; "bad word" matches "BAD  word!".
+    A banned "cat" does not match "category"; "bad word" matches "BAD  word!" and "ｂａｄ ｗｏｒｄ".
     """
-    folded = text.casefold()
+    folded = fold(text)
     for word in words:
         pattern = _word_pattern(word)
         if pattern is not None and pattern.search(folded):
@@ -176,10 +178,15 @@ def banned_word_in(text: str, words: Iterable[str]) -> str | None:
 
 @functools.lru_cache(maxsize=1024)
 def _word_pattern(word: str) -> re.Pattern[str] | None:
-    parts = word.casefold().split()
+    parts = fold(word).split()
     if not parts:
         return None
     return re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)")
+
+
+def fold(text: str) -> str:
+    """Text as moderation compares it: NFKC-normalised (compatibility forms unified), then case-folded."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def _utc(moment: datetime) -> datetime:

@@ -38,26 +38,29 @@ def check_attachment(attachment: discord.Attachment, *, max_bytes: int) -> None:
                             f"the limit is {file_size(max_bytes)}.")
 
 
-async def read_image(attachment: discord.Attachment, *, max_bytes: int) -> Image.Image:
-    """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment."""
+async def read_image(attachment: discord.Attachment, *, max_bytes: int, decoding: asyncio.Semaphore) -> Image.Image:
+    """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment. The
+    bytes and the full-size pixels exist only while a `decoding` slot is held: a few at a time in the bot."""
     check_attachment(attachment, max_bytes=max_bytes)
-    try:
-        data = await attachment.read()
-    except discord.HTTPException:
-        raise BadAttachment(f"I couldn't download `{clean_name(attachment.filename)}`; please try again.") from None
-    if len(data) > max_bytes:  # the declared size lied
-        raise BadAttachment(f"`{clean_name(attachment.filename)}` is larger than the "
-                            f"{file_size(max_bytes)} limit.")
-    return await asyncio.to_thread(decode_image, data)
+    async with decoding:
+        try:
+            data = await attachment.read()
+        except discord.HTTPException:
+            raise BadAttachment(f"I couldn't download `{clean_name(attachment.filename)}`; "
+                                "please try again.") from None
+        if len(data) > max_bytes:  # the declared size lied
+            raise BadAttachment(f"`{clean_name(attachment.filename)}` is larger than the "
+                                f"{file_size(max_bytes)} limit.")
+        return await asyncio.to_thread(decode_image, data)
 
 
-async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: int,
-                      limit: int) -> list[Image.Image]:
+async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: int, limit: int,
+                      decoding: asyncio.Semaphore) -> list[Image.Image]:
     """The image attachments among `attachments` (at most `limit`); non-images are refused politely, before
     any of them is downloaded."""
     for attachment in attachments[:limit]:
         check_attachment(attachment, max_bytes=max_bytes)
-    return [await read_image(a, max_bytes=max_bytes) for a in attachments[:limit]]
+    return [await read_image(a, max_bytes=max_bytes, decoding=decoding) for a in attachments[:limit]]
 
 
 def file_size(size: int) -> str:
@@ -94,6 +97,12 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     if rest:
         chunks.append(rest)
     return chunks
+
+
+def with_prefix(prefix: str, chunks: Sequence[str], limit: int = MESSAGE_LIMIT) -> list[str]:
+    """The text of `chunks` split anew with "`prefix` " in front of each message (a mention, in a channel
+    fallback), so that every message still fits in `limit` characters and nothing is cut off."""
+    return [f"{prefix} {part}" for part in split_message("\n".join(chunks), limit - len(prefix) - 1)]
 
 
 def missing_permission(channel: object, *, files: bool = False) -> str | None:
@@ -141,8 +150,12 @@ async def image_files(images: Sequence[Image.Image], stem: str, *, limit: int) -
 
 
 def quote(text: str, limit: int = 300) -> str:
-    """User text, shortened and stripped of formatting that could break out of our message."""
-    text = clean_text(text).replace("\n", " ")
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return discord.utils.escape_markdown(text)
+    """User text, stripped of formatting that could break out of our message, and then shortened: at most
+    `limit` characters however many escapes it took."""
+    escaped = discord.utils.escape_markdown(clean_text(text).replace("\n", " "))
+    if len(escaped) <= limit:
+        return escaped
+    cut = escaped[: limit - 1]
+    if (len(cut) - len(cut.rstrip("\\"))) % 2:  # do not leave a lone backslash escaping the ellipsis
+        cut = cut[:-1]
+    return cut + "…"

@@ -49,3 +49,10 @@ class Drawing:
 
     image: Image.Image
     tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    """One gallery image, decoded again from its tokens, at twice the gallery's side (Upscale)."""
+
+    tokens: tuple[int, ...]

@@ -43,8 +43,12 @@ class Settings(BaseSettings):
     queue_size: int = Field(16, ge=1, description="Jobs waiting for the GPU before new ones are refused")
     job_timeout_seconds: float = Field(600.0, gt=0, description="A job running longer than this is abandoned")
     max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
+    decode_concurrency: int = Field(2, ge=1, le=64, description="Images downloaded and decoded at once")
     status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
     preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
+    vary_keep_rows: int | None = Field(None, ge=1, description="Token rows Vary keeps from the top; unset = a third")
+    interaction_token_seconds: float = Field(840.0, gt=0, le=900,
+                                             description="Use a command's reply this long, then post in the channel")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
     log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve Prometheus metrics on this port")

@@ -8,7 +8,8 @@ import dataclasses
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+import struct
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -38,7 +39,8 @@ _MIGRATION_NAME = re.compile(r"(\d{4})_\w+\.sql")
 
 @dataclass(frozen=True)
 class Gallery:
-    """What an /imagine result was made from, and by whom."""
+    """What an /imagine result was made from, and by whom. A variation keeps the first `keep` tokens of image
+    `parent_index` (0-based) of gallery `parent_id`."""
 
     guild_id: int
     requester_id: int
@@ -47,6 +49,9 @@ class Gallery:
     guidance: float
     temperature: float
     seed: int
+    keep: tuple[int, ...] = ()
+    parent_id: int | None = None
+    parent_index: int | None = None
 
 
 def load_migrations() -> list[tuple[int, str]]:
@@ -131,23 +136,75 @@ class UsageStore:
 
     # Galleries
 
-    async def save_gallery(self, gallery: Gallery) -> int:
-        """Remember a gallery; returns its id (what its buttons carry)."""
+    async def save_gallery(self, gallery: Gallery, tokens: Sequence[Sequence[int]] = ()) -> int:
+        """Remember a gallery and each image's tokens; returns its id (what its buttons carry)."""
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            async with db.execute(
+                "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, "
+                "parent_id, parent_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (gallery.guild_id, gallery.requester_id, gallery.prompt, gallery.count, gallery.guidance,
-                 gallery.temperature, gallery.seed),
-            )
-            return int(cursor.lastrowid or 0)
+                 gallery.temperature, gallery.seed, pack_tokens(gallery.keep), gallery.parent_id,
+                 gallery.parent_index),
+            ) as cursor:
+                gallery_id = int(cursor.lastrowid or 0)
+            async with db.executemany(
+                "INSERT INTO gallery_images (gallery_id, idx, tokens) VALUES (?, ?, ?)",
+                [(gallery_id, index, pack_tokens(row)) for index, row in enumerate(tokens)],
+            ):
+                return gallery_id
 
     async def gallery(self, gallery_id: int) -> Gallery | None:
         async with self._transaction("BEGIN") as db:
             rows = await db.execute_fetchall(
-                "SELECT guild_id, requester_id, prompt, count, guidance, temperature, seed FROM galleries "
-                "WHERE id = ?", (gallery_id,))
-        return Gallery(*rows[0]) if rows else None
+                "SELECT guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, parent_id, "
+                "parent_index FROM galleries WHERE id = ?", (gallery_id,))
+        if not rows:
+            return None
+        *fields, keep, parent_id, parent_index = rows[0]
+        return Gallery(*fields, keep=unpack_tokens(keep), parent_id=parent_id, parent_index=parent_index)
+
+    async def image_tokens(self, gallery_id: int, index: int) -> tuple[int, ...] | None:
+        """The tokens image `index` (0-based) of a gallery was decoded from; None if unknown."""
+        async with self._transaction("BEGIN") as db:
+            rows = await db.execute_fetchall(
+                "SELECT tokens FROM gallery_images WHERE gallery_id = ? AND idx = ?", (gallery_id, index))
+        return unpack_tokens(rows[0][0]) if rows else None
+
+    async def add_gallery_messages(self, gallery_id: int, channel_id: int, message_ids: Sequence[int]) -> None:
+        """Remember the messages (in one channel) a gallery was posted in."""
+        rows = [(gallery_id, channel_id, message_id) for message_id in message_ids]
+        async with self._transaction() as db, db.executemany(
+            "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING", rows,
+        ):
+            pass  # the cursor closes here: an open one would keep the WAL from being checkpointed at close
+
+    async def gallery_messages(self, gallery_id: int) -> list[tuple[int, int]]:
+        """(channel id, message id) of each message a gallery was posted in, oldest first."""
+        async with self._transaction("BEGIN") as db:
+            rows = await db.execute_fetchall(
+                "SELECT channel_id, message_id FROM gallery_messages WHERE gallery_id = ? ORDER BY message_id",
+                (gallery_id,))
+        return [(channel_id, message_id) for channel_id, message_id in rows]
+
+    # Prompts suggested by /describe
+
+    async def save_prompts(self, guild_id: int, requester_id: int, prompts: Sequence[str]) -> list[int]:
+        """Remember prompts written for a member; returns their ids (what the Imagine buttons carry)."""
+        async with self._transaction() as db:
+            ids = []
+            for prompt in prompts:
+                async with db.execute(
+                    "INSERT INTO suggested_prompts (guild_id, requester_id, prompt) VALUES (?, ?, ?)",
+                    (guild_id, requester_id, prompt),
+                ) as cursor:
+                    ids.append(int(cursor.lastrowid or 0))
+            return ids
+
+    async def suggested_prompt(self, prompt_id: int) -> str | None:
+        async with self._transaction("BEGIN") as db:
+            rows = await db.execute_fetchall("SELECT prompt FROM suggested_prompts WHERE id = ?", (prompt_id,))
+        return rows[0][0] if rows else None
 
     # Limits
 
@@ -311,6 +368,15 @@ async def _read_usage(db: aiosqlite.Connection, guild_id: int, user_id: int, day
     server_generations, user_generations = counts.get("imagine", (0, 0))
     _, user_questions = counts.get("ask", (0, 0))
     return Usage(user_generations, user_questions, server_generations, last, queued)
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """Image tokens as stored: little-endian uint32."""
+    return struct.pack(f"<{len(tokens)}I", *tokens)
+
+
+def unpack_tokens(data: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(data) // 4}I", data)
 
 
 def _stamp(moment: datetime) -> str:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from PIL import Image
 
 from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, resolve_device
 from bot.errors import JobCancelled, JobFailed, StartupError
-from bot.jobs import Reporter
+from bot.jobs import Progress, Reporter
+from bot.requests import UpscaleRequest
 from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
 
@@ -23,6 +25,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
+OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
 OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
 
 
@@ -99,6 +102,25 @@ class Studio:
                       reports: Sequence[Reporter]) -> list[list[Drawing] | BaseException]:
         """Draw and upscale several requests together (see `_in_batch_or_alone` for failures)."""
         return self._in_batch_or_alone(self._imagine_and_upscale, requests, reports, OUT_OF_MEMORY)
+
+    def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
+        """One gallery image at twice the gallery's side: decoded from its tokens, upscaled as the gallery was,
+        then upscaled again (tiled as needed)."""
+        if self.upscaler is None:
+            raise JobFailed("Upscaling is turned off on this bot.")
+        if len(request.tokens) != self.engine.num_image_tokens:
+            raise JobFailed("That image was drawn by another model; I can't upscale it.")
+        try:
+            image = self.engine.decode(torch.tensor([request.tokens], device=self.engine.device))[0]
+            if report:
+                report(Progress(1, 3))
+            shown = self.upscaler.upscale([image])[0]  # as in the gallery
+            if report:
+                report(Progress(2, 3))
+            return self.upscaler.enlarge(shown, 2)
+        except torch.OutOfMemoryError:
+            free_gpu_memory()
+            raise JobFailed(OUT_OF_MEMORY_UPSCALING) from None
 
     def _in_batch_or_alone(self, run: Callable[[Sequence[R], Sequence[Reporter]], list[T]], requests: Sequence[R],
                            reports: Sequence[Reporter], out_of_memory: str) -> list[T | BaseException]:

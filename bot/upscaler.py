@@ -99,6 +99,14 @@ class Upscaler:
                 results[i] = to_image(tensor)
         return [results[i] for i in range(len(images))]
 
+    def enlarge(self, image: Image.Image, factor: int = 2) -> Image.Image:
+        """`image` at `factor` times its side: the model run again on it (tiled above the tile size) until it is
+        at least that large, then resized down to exactly that size when the model's scale overshoots."""
+        target = (image.width * factor, image.height * factor)
+        while image.width < target[0] or image.height < target[1]:
+            image = self.upscale([image])[0]
+        return image if image.size == target else image.resize(target, Image.Resampling.LANCZOS)
+
     def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] -> [N, 3, sH, sW] in [0, 1]; tiled when a side exceeds the tile size."""
         _, _, height, width = x.shape

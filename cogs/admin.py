@@ -11,6 +11,7 @@ from discord.ext import commands
 from bot.client import reply_privately
 from bot.limits import Policy, format_duration, resets_in
 from bot.media import quote
+from bot.places import SERVER_CHANNELS, member_contexts, pin
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -42,6 +43,8 @@ class Admin(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        pin(self.limits, contexts=SERVER_CHANNELS)
+        pin(self.usage, contexts=member_contexts(bot.settings.allow_dms))
 
     async def policy(self, guild: discord.Guild) -> Policy:
         return await self.bot.quota.policy(guild)

@@ -9,6 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.client import reply_privately
+from bot.places import SERVER_CHANNELS, pin
 from bot.status import current, render
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ class Status(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        pin(self.status, contexts=SERVER_CHANNELS)  # the bot's own state, for a server's admins
 
     @app_commands.command()
     @app_commands.default_permissions(manage_guild=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
@@ -13,12 +14,23 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
+from bot import prompts
 from bot.client import SORRY, acknowledge, reply_privately
-from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction
+from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction, TokenLife
 from bot.errors import UserFacingError
 from bot.jobs import Charge, Job, Origin
-from bot.media import check_attachment, clean_text, is_image, missing_permission, read_images, split_message
+from bot.media import (
+    check_attachment,
+    clean_text,
+    is_image,
+    missing_permission,
+    quote,
+    read_images,
+    split_message,
+)
+from bot.places import member_contexts, pin
 from bot.requests import AskRequest, Turn
+from cogs.gallery import prompt_buttons
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
@@ -31,6 +43,8 @@ MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
 DESCRIBE = "Describe this image in detail."
 NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
 TYPING_CURSOR = " ▌"
+NO_PROMPTS = ("I couldn't write prompts for this image this time: my answer wasn't a list of prompts. "
+              "Please try again, or ask me about it with `question:`.")
 
 
 class Understanding(commands.Cog):
@@ -38,8 +52,15 @@ class Understanding(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
+        self.decoding = asyncio.Semaphore(bot.settings.decode_concurrency)  # images downloaded and decoded at once
         self.ask_menu = app_commands.ContextMenu(name="Ask Janus", callback=self.ask_about_message)
+        for command in (self.describe, self.ask_menu):
+            pin(command, contexts=member_contexts(bot.settings.allow_dms))
         bot.tree.add_command(self.ask_menu)
+
+    def output_for(self, interaction: discord.Interaction, *, dead: bool = False) -> InteractionOutput:
+        token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds, dead=dead)
+        return InteractionOutput(interaction, token)
 
     async def cog_load(self) -> None:
         await self.bot.backend.reattach("ask", self.deliver_reattached)  # questions that outlived a restart
@@ -59,8 +80,9 @@ class Understanding(commands.Cog):
         request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
                              max_new_tokens=self.bot.settings.max_answer_tokens)
         job: Job[str] | None = None
-        try:  # queued before any await: see Quota.admit
+        try:
             job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
+            self.bot.quota.queued(charge)
             async with output.working():
                 answer = await self.stream(job, output)
         except UserFacingError:
@@ -72,7 +94,11 @@ class Understanding(commands.Cog):
             if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
                 await self.bot.quota.refund(charge)
             raise
-        await output.finish(split_message(answer) or [NO_ANSWER])
+        try:
+            await output.finish(split_message(answer) or [NO_ANSWER])
+        except BaseException:
+            await self.bot.quota.refund(charge)  # an answer the member never got is not counted
+            raise
         await self.bot.quota.report("ask", guild=guild, channel=channel, user=user, text=question, answer=answer)
 
     async def stream(self, job: Job[str], output: AnswerOutput) -> str:
@@ -99,7 +125,7 @@ class Understanding(commands.Cog):
         to the member's message, or into the original interaction response while its token lives; else in the
         channel it was asked in, mentioning whoever asked. A question that fails is refunded and told."""
         resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
-        output: AnswerOutput = InteractionOutput(resumed)  # type: ignore[arg-type]
+        output: AnswerOutput = self.output_for(resumed, dead=resumed.expired)  # type: ignore[arg-type]
         if origin.message_id:
             try:
                 output = ReplyOutput(await resumed.channel.fetch_message(origin.message_id))
@@ -128,11 +154,20 @@ class Understanding(commands.Cog):
             log.warning("Not answering %s in #%s of server %s: I lack the %s permission there", message.author,
                         message.channel, message.guild and message.guild.id, missing)
             return
-        try:
-            question, images, history = await self.read_conversation(message)
+        try:  # admitted (limits, cooldown, channel, queue) before anything is downloaded or fetched
             charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
-                                                user=message.author, text=question,
-                                                typed=self.strip_mention(message.content))  # not what it quotes
+                                                user=message.author, text=self.strip_mention(message.content))
+        except UserFacingError as error:
+            await self.tell(message, str(error))
+            return
+        try:
+            try:
+                question, images, history = await self.read_conversation(message)
+                await self.bot.quota.moderate("ask", [question, *(turn.text for turn in history)],  # all it reads
+                                              guild=message.guild, channel=message.channel, user=message.author)
+            except BaseException:
+                await self.bot.quota.refund(charge)
+                raise
             origin = Origin(message.guild.id if message.guild else 0, message.channel.id, message_id=message.id)
             await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
                               channel=message.channel, question=question, images=images, history=history,
@@ -142,6 +177,8 @@ class Understanding(commands.Cog):
         except Exception:  # the member must hear back even when something unexpected broke
             log.exception("Answering message %s failed", message.id)
             await self.tell(message, SORRY)
+        finally:
+            self.bot.quota.release(charge)
 
     async def tell(self, message: discord.Message, text: str) -> None:
         try:
@@ -165,14 +202,16 @@ class Understanding(commands.Cog):
         """The question, its images and, for a reply chain with the bot, the earlier turns."""
         question = self.strip_mention(message.content)
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
-        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
+        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                   decoding=self.decoding)
         history: list[Turn] = []
         replied = await self.resolve(message)
         if replied is not None and self.bot.user and replied.author.id == self.bot.user.id:
             history = await self.earlier_turns(replied)
         elif replied is not None:  # a question about someone else's message
             pictures = [a for a in replied.attachments if is_image(a)]
-            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES) + images
+            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                       decoding=self.decoding) + images
             if not pictures and replied.content:
                 question = f'About this message: "{clean_text(replied.content)[:1000]}"\n\n{question}'.strip()
         if not question:
@@ -194,7 +233,7 @@ class Understanding(commands.Cog):
             else:
                 pictures = [a for a in current.attachments if is_image(a)][:budget]
                 try:
-                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget)
+                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget, decoding=self.decoding)
                 except UserFacingError:
                     images = []
                 budget -= len(images)
@@ -222,11 +261,66 @@ class Understanding(commands.Cog):
     # ---- slash command and context menu ----------------------------------------------------------------
 
     @app_commands.command()
-    @app_commands.describe(image="The image to look at", question="What you want to know (default: describe it)")
+    @app_commands.describe(image="The image to look at",
+                           question="What you want to know (default: four prompts that could draw it)")
     async def describe(self, interaction: discord.Interaction, image: discord.Attachment,
                        question: app_commands.Range[str, 1, 2000] | None = None) -> None:
-        """Ask Janus about an image."""
-        await self.answer_interaction(interaction, [image], clean_text(question or "") or DESCRIBE)
+        """Ask Janus about an image, or have it write prompts that could draw it."""
+        if question is None:
+            await self.write_prompts(interaction, image)
+        else:  # a question of only invisible characters: describe it
+            await self.answer_interaction(interaction, [image], clean_text(question) or DESCRIBE)
+
+    async def write_prompts(self, interaction: discord.Interaction, attachment: discord.Attachment) -> None:
+        """Up to four short prompts that could draw the image, numbered, each with an "Imagine n" button; one
+        question for the limits. An answer that is no list of prompts gets a polite word instead; whatever else
+        goes wrong once admitted, the member is told in the response and the charge is refunded."""
+        max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
+        try:
+            check_attachment(attachment, max_bytes=max_bytes)
+            charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                                user=interaction.user, text=prompts.QUESTION, typed="")
+        except UserFacingError as error:
+            await reply_privately(interaction, str(error))
+            return
+        output = self.output_for(interaction)
+        job: Job[str] | None = None
+        try:
+            await acknowledge(interaction)
+            images = await read_images([attachment], max_bytes=max_bytes, limit=1, decoding=self.decoding)
+            request = AskRequest(prompts.QUESTION, tuple(images), seed=random.randrange(2**31),
+                                 max_new_tokens=self.bot.settings.max_answer_tokens)
+            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                            interaction.token, created_at=interaction.created_at.timestamp())
+            job = self.bot.backend.ask(request, owner=interaction.user.id, origin=origin, charge=charge)
+            self.bot.quota.queued(charge)
+            answer = await job
+            if written := prompts.parse_prompts(answer):
+                ids = await self.bot.store.save_prompts(interaction.guild_id or 0, interaction.user.id, written)
+                lines = "\n".join(f"{number}. {quote(prompt, prompts.MAX_PROMPT_CHARS)}"
+                                  for number, prompt in enumerate(written, 1))
+                await output.finish([f"**Prompts that could draw this image**\n{lines}"], view=prompt_buttons(ids))
+            else:
+                await output.finish([NO_PROMPTS])
+        except UserFacingError as error:
+            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+                return
+            await self.bot.quota.refund(charge)
+            await output.finish([str(error)])
+            return
+        except Exception:  # a bug or a failure between here and the engine: still an answer, and a refund
+            log.exception("Writing prompts for %s failed", interaction.user.id)
+            await self.bot.quota.refund(charge)
+            await output.finish([SORRY])
+            return
+        except BaseException:
+            if job is None or not job.handed_over:  # else a restarted bot delivers it, or refunds it
+                await self.bot.quota.refund(charge)
+            raise
+        finally:
+            self.bot.quota.release(charge)
+        await self.bot.quota.report("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+                                    user=interaction.user, text=prompts.QUESTION, answer=answer)
 
     async def ask_about_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """Context menu: ask about the images of any message (a short form asks what to ask)."""
@@ -238,7 +332,8 @@ class Understanding(commands.Cog):
 
     async def answer_interaction(self, interaction: discord.Interaction, attachments: list[discord.Attachment],
                                  question: str) -> None:
-        """The interaction flavour: refusals are ephemeral, the answer is public."""
+        """The interaction flavour: refusals are ephemeral, the answer is public. Whatever goes wrong once the
+        request is admitted, the member is told in the response and the charge is refunded."""
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
         try:
             for attachment in attachments[:MAX_IMAGES]:
@@ -248,21 +343,27 @@ class Understanding(commands.Cog):
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
-        await acknowledge(interaction)
+        output = self.output_for(interaction)
         try:
-            images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES)
-        except UserFacingError as error:  # unreadable once downloaded; a public "thinking" message can't turn private
-            await self.bot.quota.refund(charge)
-            await InteractionOutput(interaction).finish([str(error)])
-            return
-        origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                        interaction.token)
-        try:
-            await self.answer(InteractionOutput(interaction), charge, user=interaction.user,
-                              guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
+            await acknowledge(interaction)
+            try:
+                images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
+                                           decoding=self.decoding)
+            except BaseException:  # unreadable once downloaded: a public "thinking" message can't turn private
+                await self.bot.quota.refund(charge)
+                raise
+            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
+                            interaction.token, created_at=interaction.created_at.timestamp())
+            await self.answer(output, charge, user=interaction.user, guild=interaction.guild,
+                              channel=interaction.channel,  # type: ignore[arg-type]
                               question=question, images=images, origin=origin)
         except UserFacingError as error:
-            await InteractionOutput(interaction).finish([str(error)])
+            await output.finish([str(error)])
+        except Exception:  # a bug or a failure between here and the engine: still an answer
+            log.exception("Answering %s's question failed", interaction.user.id)
+            await output.finish([SORRY])
+        finally:
+            self.bot.quota.release(charge)
 
 
 class AskModal(discord.ui.Modal, title="Ask Janus"):

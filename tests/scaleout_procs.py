@@ -7,7 +7,8 @@ on PYTHONPATH, settings from the environment):
   its first report; `fail me` makes the batch raise once drawn (the worker reports the job failed); `hang once`
   makes the GPU thread hang after its first report, the first time that prompt is run. Questions are answered
   with their images' sizes, half of the answer reported first; `slow:S`, `fail me` and `hang once` work in them
-  too. Every request it starts is appended to FAKE_RUNS as `pid prompt`. FAKE_GRACE sets its shutdown grace.
+  too. An upscale is a solid square four times as large, coloured by its first two tokens. Every request it
+  starts is appended to FAKE_RUNS as `pid prompt`. FAKE_GRACE sets its shutdown grace.
 - `real-worker`: the same with the real studio (JANUS_MODEL etc. from the environment); every batch of
   questions it answers is appended to FAKE_RUNS as `pid asked N`.
 - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one /imagine job with an origin through a
@@ -30,7 +31,7 @@ from PIL import Image
 
 from bot.jobs import Progress, Reporter
 from bot.logs import configure_logging
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings, load_settings
 
 STEPS = int(os.environ.get("FAKE_STEPS", "10"))
@@ -71,6 +72,11 @@ class FakeStudio:
             raise RuntimeError("the fake studio was asked to fail")
         return [[Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
                  for i in range(r.count)] for r in requests]
+
+    def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
+        """A solid square four times a drawing's side, coloured by its tokens."""
+        self._note(f"upscale {','.join(map(str, request.tokens))}")
+        return Image.new("RGB", (4 * SIDE, 4 * SIDE), color("upscale", *request.tokens[:2]))
 
     def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter]) -> list[str]:
         hang = any([self._note(request.question) for request in requests])

@@ -9,6 +9,9 @@ from typing import Any
 import discord
 import simcord
 from PIL import Image
+from simcord.components import walk_components
+
+TEXT_DISPLAY = 10
 
 
 @dataclass
@@ -34,8 +37,14 @@ class Scene:
                 if isinstance(e.json, dict) and (method is None or e.method == method) and path_part in e.path]
 
     def contents(self, method: str | None = None) -> list[str]:
-        """Every message text the bot sent or edited in, in order."""
-        return [b["content"] for b in self.bodies(method) if isinstance(b.get("content"), str)]
+        """Every message text the bot sent or edited in, in order (a V2 message's text displays, one per line)."""
+        texts = []
+        for body in self.bodies(method):
+            if isinstance(body.get("content"), str):
+                texts.append(body["content"])
+            if displays := text_displays(body.get("components") or []):
+                texts.append(displays)
+        return texts
 
 
 def open_scene(env: simcord.Env) -> Scene:
@@ -43,6 +52,30 @@ def open_scene(env: simcord.Env) -> Scene:
     channel = guild.create_text_channel("general")
     return Scene(env, guild, channel, guild.add_member(env.create_user("alice")),
                  guild.add_member(env.create_user("bob")))
+
+
+def text_displays(components: list[dict]) -> str:
+    return "\n".join(c["content"] for c in walk_components(components) if c.get("type") == TEXT_DISPLAY)
+
+
+def text_of(message: Any) -> str:
+    """What a member reads in a message (a discord.Message or SimCord's ResponseMessage): its content, or the
+    text displays of a Components V2 message, one per line."""
+    message = message if isinstance(message, discord.Message) else message.message
+    if not message.flags.components_v2:
+        return message.content
+    return text_displays([component.to_dict() for component in message.components])
+
+
+def components_of(message: Any) -> list[dict]:
+    """Every component of a message, nested ones included, as Discord's JSON."""
+    message = message if isinstance(message, discord.Message) else message.message
+    return list(walk_components([component.to_dict() for component in message.components]))
+
+
+def labels(message: Any) -> list[str]:
+    """The labels of a message's buttons and the placeholders of its select menus, in order."""
+    return [c.get("label") or c.get("placeholder") or "" for c in components_of(message) if c["type"] in (2, 3)]
 
 
 async def decode(attachment: discord.Attachment) -> Image.Image:

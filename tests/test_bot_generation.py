@@ -11,7 +11,7 @@ import time
 import discord
 import pytest
 from PIL import Image
-from scene import Scene, decode, open_scene
+from scene import Scene, components_of, decode, open_scene, text_displays, text_of
 
 from bot.engine import AskRequest
 from bot.media import MESSAGE_LIMIT
@@ -85,7 +85,7 @@ async def test_imagine_acknowledges_at_once_then_posts_the_upscaled_gallery(scen
     assert not result.ephemeral and not result.deferred
     assert [a.filename for a in gallery.attachments] == [f"janus_42_{i}.png" for i in (1, 2, 3)]  # IMAGES_PER_PROMPT
     assert [(im.format, im.size) for im in await images_of(gallery)] == [("PNG", (SIDE, SIDE))] * 3
-    caption = gallery.content
+    caption = text_of(gallery)
     for shown in ("a red fox in snow", scene.alice.mention, "seed `42`", "guidance 5", "temperature 1",
                   "3 image(s)", f"{SIDE}×{SIDE}"):
         assert shown in caption
@@ -93,7 +93,7 @@ async def test_imagine_acknowledges_at_once_then_posts_the_upscaled_gallery(scen
     result = await scene.alice.slash(scene.channel, "imagine", prompt="a red fox", count=1, guidance=7.5,
                                      temperature=0.5, seed=7)
     assert len(result.response.attachments) == 1
-    assert "guidance 7.5 · temperature 0.5" in result.response.content and "seed `7`" in result.response.content
+    assert "guidance 7.5 · temperature 0.5" in text_of(result.response) and "seed `7`" in text_of(result.response)
 
 
 async def test_status_shows_queue_position_then_progress_with_previews(scene):
@@ -102,14 +102,14 @@ async def test_status_shows_queue_position_then_progress_with_previews(scene):
     result = await scene.alice.slash(scene.channel, "imagine", prompt="a lighthouse", count=2, seed=1)
 
     edits = scene.bodies("PATCH", "@original")
-    texts = [edit["content"] for edit in edits]
+    texts = [text_displays(edit["components"]) for edit in edits]
     first = {key: next(i for i, t in enumerate(texts) if key in t)
              for key in ("Waiting in line: #2", "Waiting in line: #1", "Drawing 2 image(s)")}
     assert first["Waiting in line: #2"] < first["Waiting in line: #1"] < first["Drawing 2 image(s)"]
     assert len({t for t in texts if "Drawing" in t}) >= 3  # the progress moves
     previews = [i for i, edit in enumerate(edits) if edit.get("attachments") == [{"id": 0, "filename": "preview.png"}]]
     assert previews and all("Drawing" in texts[i] for i in previews)
-    assert len(result.response.attachments) == 2 and "a lighthouse" in result.response.content
+    assert len(result.response.attachments) == 2 and "a lighthouse" in text_of(result.response)
 
     # The first preview (a quarter of the rows drawn): each image's top quarter is drawn, the rest still grey.
     sheet = await first_preview(scene)
@@ -151,7 +151,8 @@ async def test_gallery_buttons_reroll_describe_and_delete(scene, studio):
     gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2, seed=11)).response
 
     reroll = (await scene.alice.click(gallery, label="Re-roll")).response
-    assert "a paper boat" in reroll.content and "seed `11`" not in reroll.content and "seed `" in reroll.content
+    caption = text_of(reroll)
+    assert "a paper boat" in caption and "seed `11`" not in caption and "seed `" in caption
     assert [im.size for im in await images_of(reroll)] == [(SIDE, SIDE)] * 2
     assert [im.tobytes() for im in await images_of(reroll)] != [im.tobytes() for im in await images_of(gallery)]
 
@@ -176,7 +177,7 @@ async def test_gallery_buttons_keep_working_after_a_restart(scene, studio, make_
     scene.env.bot.studio = PixelEchoModel(studio)
 
     reroll = (await scene.alice.click(gallery, label="Re-roll")).response
-    assert "a kite" in reroll.content and [im.size for im in await images_of(reroll)] == [(SIDE, SIDE)] * 2
+    assert "a kite" in text_of(reroll) and [im.size for im in await images_of(reroll)] == [(SIDE, SIDE)] * 2
     described = await scene.alice.select(gallery, ["0"])
     assert described.response.content == f"saw {fingerprint((await images_of(gallery))[0])}"
     assert (await scene.alice.click(gallery, label="Delete")).response.content == "Deleted."
@@ -196,14 +197,14 @@ async def test_job_finishing_after_the_token_expired_is_posted_in_the_channel(sc
 
     result = await scene.alice.slash(scene.channel, "imagine", prompt="a snowy owl", count=2, seed=9)
 
-    assert "Waiting in line" in result.response.content  # the response could not be edited any more
+    assert "Waiting in line" in text_of(result.response)  # the response could not be edited any more
     posted = scene.bot_messages()[-1]
     assert posted.id != result.response.id
-    assert posted.content.startswith(f"{scene.alice.mention} **a snowy owl**")
+    assert text_of(posted).startswith(f"{scene.alice.mention} **a snowy owl**")
     assert scene.env.backend.get_message(scene.channel.id, posted.id).ping_user_ids == [scene.alice.id]  # pinged
     assert [im.size for im in await images_of(posted)] == [(SIDE, SIDE)] * 2
-    assert {c["custom_id"].split(":")[1] for row in posted.components for c in row.to_dict()["components"]} == {
-        "reroll", "delete", "describe"}
+    assert {c["custom_id"].split(":")[1] for c in components_of(posted) if "custom_id" in c} == {
+        "up", "vary", "reroll", "remix", "delete", "describe"}
     [body] = scene.bodies("POST", f"/channels/{scene.channel.id}/messages")
     assert body["allowed_mentions"]["parse"] == [] and body["allowed_mentions"]["users"] == [scene.alice.id]
 
@@ -224,7 +225,7 @@ async def test_gallery_respects_the_servers_upload_size(scene, monkeypatch):
     images = [image for m in messages for image in await images_of(m)]
     assert [image.size for image in images] == [(SIDE, SIDE)] * 4
     assert {image.format for image in images} == {"JPEG"}  # re-encoded to fit
-    assert all(m.content.endswith(f"({i}/{len(messages)})") for i, m in enumerate(messages, 1))
+    assert all(text_of(m).endswith(f"({i}/{len(messages)})") for i, m in enumerate(messages, 1))
 
 
 async def test_long_prompt_keeps_every_message_within_2000_characters(scene, make_bot):
@@ -233,7 +234,7 @@ async def test_long_prompt_keeps_every_message_within_2000_characters(scene, mak
 
     result = await scene.alice.slash(scene.channel, "imagine", prompt=prompt, count=1, seed=8)
 
-    assert result.response.attachments and "harbour scene" in result.response.content
+    assert result.response.attachments and "harbour scene" in text_of(result.response)
     assert all(len(text) <= MESSAGE_LIMIT for text in scene.contents())
 
 
@@ -244,9 +245,9 @@ async def test_echoed_prompt_never_pings_everyone_or_roles(scene):
     result = await scene.alice.slash(scene.channel, "imagine", prompt=prompt, count=1, seed=10)
 
     gallery = result.response
-    assert "@everyone" in gallery.content and f"<@&{role.id}>" in gallery.content  # echoed, but inert:
+    assert "@everyone" in text_of(gallery) and f"<@&{role.id}>" in text_of(gallery)  # echoed, but inert:
     stored = scene.env.backend.get_message(scene.channel.id, gallery.id)  # SimCord's record of who was pinged
     assert not stored.mention_everyone and stored.ping_role_ids == [] and scene.bob.id not in stored.ping_user_ids
     for body in scene.bodies():
-        if "@everyone" in body.get("content", ""):
+        if "@everyone" in body.get("content", "") + text_displays(body.get("components") or []):
             assert body["allowed_mentions"]["parse"] == [] and not body["allowed_mentions"].get("roles")

@@ -209,12 +209,12 @@ async def test_describe_command_answers_in_its_response(scene, studio, fixed_see
     assert expected != model_answer(studio, "what is this?")
     assert result.response.content == expected
 
-    # The question (or, without one, "describe it") goes to the model with the image.
+    # The question goes to the model with the image (without one, it is asked for prompts: test_bot_gallery.py).
     scene.env.bot.studio = EchoModel(studio)
     result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]), question="why?")
     assert result.response.content == "0 turns:  | now: why? (red)"
     result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]))
-    assert result.response.content == f"0 turns:  | now: {understanding.DESCRIBE} (red)"
+    assert result.response.content == understanding.NO_PROMPTS  # the echo of its question is no prompt
 
 
 async def test_ask_janus_menu_opens_a_form_and_answers_it(scene, studio, pictures):
@@ -291,7 +291,7 @@ async def test_empty_answer_is_never_sent_empty(scene, studio, pictures):
     scene.env.bot.studio = ScriptedModel(studio, "")
 
     await scene.alice.send(scene.channel, f"{scene.mention} say nothing")
-    result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]))
+    result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]), question="hm?")
 
     assert [m.content for m in scene.bot_messages()] == [understanding.NO_ANSWER] * 2
     assert result.response.content == understanding.NO_ANSWER

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bot.errors import BadAttachment
-from bot.images import decode_image, encode_for_upload
+from bot.images import MAX_SIDE, decode_image, encode_for_upload, to_rgb
 
 
 def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -19,11 +19,45 @@ def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "CMYK", "I;16", "I", "F", "1"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "CMYK", "I;16", "1"])
 def test_every_mode_decodes_to_rgb(mode: str) -> None:
-    fmt = {"CMYK": "JPEG", "I;16": "PNG", "I": "TIFF", "F": "TIFF", "LA": "PNG"}.get(mode, "PNG")
+    fmt = {"CMYK": "JPEG", "I;16": "PNG", "LA": "PNG"}.get(mode, "PNG")
     image = decode_image(encoded(Image.new(mode, (20, 10)), fmt))
     assert image.mode == "RGB" and image.size == (20, 10)
+
+
+@pytest.mark.parametrize("mode", ["I", "F", "I;16"])
+def test_wide_grey_modes_become_rgb(mode: str) -> None:
+    """Modes only other formats (TIFF) decode to, and 16-bit PNG once shrunk: scaled to their brightest value."""
+    image = to_rgb(Image.new(mode, (20, 10), 1000))
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "ICO", "PPM", "TGA"])
+def test_only_the_advertised_formats_are_opened(fmt: str) -> None:
+    """Pillow's other decoders (and their bugs) are never tried, whatever the file says it is."""
+    with pytest.raises(BadAttachment, match=r"PNG, JPEG, WebP or GIF"):
+        decode_image(encoded(Image.new("RGB", (16, 16), (200, 30, 30)), fmt))
+
+
+def test_large_images_shrink_to_what_the_model_uses_keeping_the_aspect() -> None:
+    for mode, fmt in (("RGB", "JPEG"), ("I;16", "PNG"), ("P", "GIF"), ("RGBA", "WEBP")):
+        image = decode_image(encoded(Image.new(mode, (3000, 1500)), fmt))
+        assert image.size == (MAX_SIDE, MAX_SIDE // 2) and image.mode == "RGB", (mode, fmt)
+    assert decode_image(encoded(Image.new("RGB", (300, 150)), "PNG")).size == (300, 150)  # small: untouched
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_is_applied(fmt: str) -> None:
+    """A phone photo stored sideways with "rotate 90°" in its EXIF reaches the model upright."""
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; view rotated 90° clockwise
+    image = decode_image(encoded(wide, fmt, exif=exif.tobytes()))
+    assert image.size == (20, 40)
+    red, _green, blue = image.getpixel((10, 5))  # rotated clockwise: the left half is now on top
+    assert red > 200 and blue < 60
 
 
 def test_transparency_is_flattened_onto_white() -> None:
@@ -58,7 +92,7 @@ def test_truncated_files_are_refused_not_half_read() -> None:
 
 
 VALID = [encoded(Image.new(mode, (16, 12), 128), fmt) for mode, fmt in
-         (("RGB", "PNG"), ("RGB", "JPEG"), ("P", "GIF"), ("RGBA", "WEBP"), ("L", "BMP"), ("RGB", "TIFF"))]
+         (("RGB", "PNG"), ("RGB", "JPEG"), ("P", "GIF"), ("RGBA", "WEBP"), ("L", "PNG"), ("I;16", "PNG"))]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from PIL import Image
 from scaleout_procs import color
-from scene import decode, open_scene
+from scene import decode, open_scene, text_displays, text_of
 
 from bot.client import JanusBot
 from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull
@@ -32,7 +32,7 @@ from bot.jobs import Origin
 from bot.redis import wire
 from bot.redis.backend import NO_WORKER, RESTARTED_NOTE, RedisBackend
 from bot.redis.worker import EXIT_STUCK
-from bot.requests import AskRequest, ImagineRequest, Turn
+from bot.requests import AskRequest, ImagineRequest, Turn, UpscaleRequest
 from bot.settings import Settings
 from bot.status import WorkerStatus
 from bot.store import UsageStore
@@ -416,6 +416,17 @@ async def test_bad_entries_are_set_aside_with_a_reason_and_the_worker_goes_on(pr
     assert (await redis.xpending(wire.JOBS, wire.GROUP))["pending"] == 0 and await redis.xlen(wire.JOBS) == 0
 
 
+async def test_an_upscale_is_run_by_a_worker(procs, backend, redis):
+    await procs.worker()
+    job = backend.upscale(UpscaleRequest((7, 1, 2, 3)), owner=7)
+
+    image = await asyncio.wait_for(job, 20)
+
+    assert image.size == (32, 32) and image.getpixel((0, 0)) == color("upscale", 7, 1)
+    assert [prompt for _pid, prompt in procs.runs()] == ["upscale 7,1,2,3"]
+    await nothing_left(redis)
+
+
 # ---- the bot side restarts ------------------------------------------------------------------------------
 
 
@@ -498,7 +509,7 @@ async def test_a_job_that_keeps_killing_workers_is_set_aside_refunded_and_told(s
 
     result = await scene.alice.slash(scene.channel, "imagine", prompt="kill me", count=1)
 
-    assert result.response.content.startswith("⚠️ Sorry, this request stopped the GPU worker that took it 3 times")
+    assert text_of(result.response).startswith("⚠️ Sorry, this request stopped the GPU worker that took it 3 times")
     usage = await scene.alice.slash(scene.channel, "usage")
     assert "Generations: 0/20 used" in usage.response.content  # refunded
     [(_id, dead)] = await redis.xrange(wire.DEAD)
@@ -522,7 +533,7 @@ async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(sim
     await simcord_env.restart_bot(await make_redis_bot())  # its cog re-attaches while it starts
 
     [message] = scene.bot_messages()  # no interaction token to edit its response with: in the channel, mentioning
-    assert message.content.startswith(f"{scene.alice.mention} **{prompt}** — {scene.alice.mention}")
+    assert text_of(message).startswith(f"{scene.alice.mention} **{prompt}** — {scene.alice.mention}")
     assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 5, 2)
     assert message.components  # Re-roll, Delete, Describe
 
@@ -539,7 +550,8 @@ async def start_imagine_then_go_away(env, scene, prompt: str, seen: str, **optio
     env.settle_timeout = 1.0  # the command returns (timing out) while its job runs on
     with pytest.raises(TimeoutError):
         await scene.alice.slash(scene.channel, "imagine", prompt=prompt, **options)
-    await until(lambda: any(seen in str(body.get("content")) for body in original_edits(env)), 15, f"'{seen}'")
+    await until(lambda: any(seen in text_displays(body.get("components") or []) for body in original_edits(env)), 15,
+                f"'{seen}'")
     await env.bot.backend.close()
     env.settle_timeout = 30.0  # the restarted bot settles once it has delivered
 
@@ -557,11 +569,11 @@ async def test_a_restarted_bot_keeps_editing_the_status_and_delivers_into_the_or
 
     await simcord_env.restart_bot(await make_redis_bot())  # re-attaches while it starts; settles once delivered
 
-    contents = [body.get("content") for body in original_edits(simcord_env, since)]
+    contents = [text_displays(body.get("components") or []) for body in original_edits(simcord_env, since)]
     assert any(str(c).startswith("🎨 Drawing 2 image(s)") for c in contents[:-1]), contents  # status kept going
     assert contents[-1].startswith(f"**{prompt}** — {scene.alice.mention}")  # the gallery, in the response
     [message] = scene.bot_messages()  # the original response; nothing posted in the channel
-    assert message.content == contents[-1]
+    assert text_of(message) == contents[-1]
     assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 9, 2)
     assert message.components  # Re-roll, Delete, Describe
     usage = await scene.alice.slash(scene.channel, "usage")
@@ -579,7 +591,7 @@ async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(
 
     await simcord_env.restart_bot(await make_redis_bot())
 
-    [*_, last] = [body.get("content") for body in original_edits(simcord_env, since)]
+    [*_, last] = [text_displays(body.get("components") or []) for body in original_edits(simcord_env, since)]
     assert last.startswith("⚠️ Sorry")  # told in the original response
     usage = await scene.alice.slash(scene.channel, "usage")
     assert "Generations: 0/20 used" in usage.response.content  # refunded by the restarted bot
@@ -699,7 +711,8 @@ async def test_members_hear_when_no_worker_is_online_and_status_shows_each_worke
     admin = make_admin(simcord_env, scene)
 
     async def start_a_worker_once_told() -> subprocess.Popen[bytes]:
-        await until(lambda: any(NO_WORKER in str(body.get("content")) for body in original_edits(simcord_env)),
+        await until(lambda: any(NO_WORKER in text_displays(body.get("components") or [])
+                                for body in original_edits(simcord_env)),
                     10, "the member to be told that no worker is online")
         return await procs.worker(WORKER_SLOTS="4")
 
@@ -707,7 +720,7 @@ async def test_members_hear_when_no_worker_is_online_and_status_shows_each_worke
     result = await scene.alice.slash(scene.channel, "imagine", prompt="a quiet harbour", count=1, seed=2)
     worker = await starting
 
-    assert result.response.content.startswith("**a quiet harbour**")  # delivered once the worker took it
+    assert text_of(result.response).startswith("**a quiet harbour**")  # delivered once the worker took it
     deadline = time.perf_counter() + 10
     while not await published(redis, worker, jobs_done=1):
         assert time.perf_counter() < deadline, "the worker never counted its job"

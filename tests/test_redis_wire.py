@@ -14,7 +14,7 @@ from PIL import Image
 from bot.jobs import Charge
 from bot.limits import ALLOWED
 from bot.redis import wire
-from bot.requests import AskRequest, Drawing, ImagineRequest, Turn
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn, UpscaleRequest
 
 ROOT = Path(__file__).parent.parent
 JOB = "ab" * 16
@@ -31,6 +31,9 @@ def test_requests_round_trip_through_the_schema() -> None:
     entry, images = wire.encode_request(JOB, drawn)
     assert images == []
     assert wire.decode_request(wire.decode_entry(fields(entry)).data(), []) == drawn
+    upscale = UpscaleRequest((4, 5, 6))
+    entry, _ = wire.encode_request(JOB, upscale)
+    assert wire.decode_request(wire.decode_entry(fields(entry)).data(), []) == upscale
 
     red, blue = Image.new("RGB", (3, 2), "red"), Image.new("RGB", (2, 3), "blue")
     asked = AskRequest("and this?", images=(red,), history=(Turn("user", "what is it?", (blue,)),
@@ -51,6 +54,7 @@ def test_requests_round_trip_through_the_schema() -> None:
     (AskRequest("x", seed=-1), "seed"),
     (AskRequest("x" * (wire.MAX_TEXT + 1)), "question"),
     (AskRequest("x", history=(Turn("moderator", "hi"),)), "role"),
+    (UpscaleRequest(()), "tokens"),
 ])
 def test_the_bot_refuses_to_queue_what_a_worker_would_refuse(request_, complaint: str) -> None:
     with pytest.raises(wire.BadEntry, match=complaint):
@@ -63,7 +67,7 @@ def test_entries_a_worker_cannot_read_say_why() -> None:
         "not UTF-8": fields(entry, request=b'{"prompt": "\xc3\x28"}'),
         "Extra inputs": fields(entry, priority="high"),
         "job": fields(entry, job="not-a-job-id"),
-        "kind": fields(entry, kind="upscale"),
+        "kind": fields(entry, kind="describe"),
         "weight 1 does not match": fields(entry, weight="1"),
         "JSON": fields(entry, request="{"),
         "Input should be a valid integer": fields(entry, request=entry.request.replace('"count":2', '"count":"2"')),

@@ -14,7 +14,7 @@ import pytest
 from bot import store as store_module
 from bot.jobs import Charge
 from bot.limits import Kind, Policy
-from bot.store import UsageStore
+from bot.store import Gallery, UsageStore
 
 GUILD, OTHER_GUILD, USER, OTHER_USER = 10, 20, 1, 2
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -283,3 +283,46 @@ async def test_refund_lifts_the_cooldown_it_started(store: UsageStore) -> None:
     await store.refund(failed)
     assert (await store.usage(GUILD, USER, NOW)).last_request_at == earlier
     assert (await charge(store, now=NOW + timedelta(seconds=1), policy=policy)).decision.allowed
+
+
+# Galleries and suggested prompts
+
+
+async def test_a_gallery_keeps_its_images_tokens_lineage_and_messages(db_path: Path) -> None:
+    async with UsageStore.open(db_path) as store:
+        parent = await store.save_gallery(Gallery(GUILD, USER, "a fox", 2, 5.0, 1.0, 7), [(1, 2, 3, 70000), (4, 5)])
+        child = await store.save_gallery(Gallery(GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,),
+                                                 parent_id=parent, parent_index=1), [(4, 9)] * 4)
+        await store.add_gallery_messages(parent, 300, [31, 30])
+    async with UsageStore.open(db_path) as store:  # after a restart
+        assert await store.gallery(parent) == Gallery(GUILD, USER, "a fox", 2, 5.0, 1.0, 7)
+        assert await store.gallery(child) == Gallery(GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,),
+                                                     parent_id=parent, parent_index=1)
+        assert await store.image_tokens(parent, 0) == (1, 2, 3, 70000)
+        assert await store.image_tokens(parent, 1) == (4, 5)
+        assert await store.image_tokens(parent, 2) is None
+        assert await store.gallery_messages(parent) == [(300, 30), (300, 31)]
+        assert await store.gallery_messages(child) == []
+
+
+async def test_galleries_saved_before_tokens_were_kept_still_load(db_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = store_module.load_migrations()
+    monkeypatch.setattr(store_module, "load_migrations", lambda: [m for m in shipped if m[0] <= 2])
+    async with UsageStore.open(db_path):
+        pass
+    with sqlite3.connect(db_path) as db:  # a gallery as the schema of version 2 stored it
+        db.execute("INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (GUILD, USER, "a kite", 3, 5.0, 1.0, 4))
+    monkeypatch.setattr(store_module, "load_migrations", lambda: shipped)
+    async with UsageStore.open(db_path) as store:
+        assert await store.gallery(1) == Gallery(GUILD, USER, "a kite", 3, 5.0, 1.0, 4)
+        assert await store.image_tokens(1, 0) is None  # no Upscale or Vary for it: its buttons never had them
+
+
+async def test_suggested_prompts_get_ids_and_survive_reopen(db_path: Path) -> None:
+    async with UsageStore.open(db_path) as store:
+        ids = await store.save_prompts(GUILD, USER, ["a red fox", "a blue bird"])
+    async with UsageStore.open(db_path) as store:
+        assert [await store.suggested_prompt(i) for i in ids] == ["a red fox", "a blue bird"]
+        assert await store.suggested_prompt(max(ids) + 1) is None

@@ -12,7 +12,8 @@ from PIL import Image
 from tiny_models import build_not_an_upscaler
 
 from bot.engine import ImagineRequest
-from bot.errors import StartupError
+from bot.errors import JobFailed, StartupError
+from bot.requests import UpscaleRequest
 from bot.settings import Settings
 from bot.studio import Studio
 from bot.upscaler import Upscaler, UpscalerError
@@ -140,6 +141,36 @@ def test_images_at_or_below_the_tile_size_go_through_whole(x2: Upscaler) -> None
     upscaler = Upscaler(recorder, tile=64)  # type: ignore[arg-type]
     upscaler.upscale([picture(64, 40), picture(64, 40)])
     assert recorder.shapes == [(2, 3, 40, 64)]
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_enlarge_doubles_the_side_running_the_model_again_tiled(tiny_dir: Path, scale: int) -> None:
+    """Upscale's second pass: twice the side whatever the model's scale (an x4 result is resized down), tiled
+    above the tile size like any upscale."""
+    upscaler = Upscaler.load(tiny_dir / f"RealESRGAN_x{scale}.pth", tile=64)
+    recorder = RecordingModel(upscaler.model)
+    upscaler.model = recorder  # type: ignore[assignment]
+    image = picture(96, 80)
+
+    big = upscaler.enlarge(image, 2)
+
+    assert big.size == (192, 160)
+    assert len(recorder.shapes) >= 4 and all(max(shape[2:]) <= 64 for shape in recorder.shapes)  # tiled
+    once = upscaler.upscale([image])[0]
+    expected = once if scale == 2 else once.resize((192, 160), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(big, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
+def test_studio_upscales_one_drawing_from_its_tokens_to_twice_the_gallery_side(studio: Studio) -> None:
+    [drawing, _] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=3)], [lambda progress: None])[0]
+
+    big = studio.upscale(UpscaleRequest(drawing.tokens))
+
+    assert big.size == (2 * studio.output_size, 2 * studio.output_size)
+    again = studio.upscaler.enlarge(drawing.image, 2)  # the gallery image, upscaled once more
+    assert np.abs(np.asarray(big, dtype=int) - np.asarray(again, dtype=int)).mean() < 1
+    with pytest.raises(JobFailed, match="another model"):
+        studio.upscale(UpscaleRequest(drawing.tokens[:-1]))
 
 
 def test_studio_without_an_upscaler_draws_model_size_images(tiny_dir: Path) -> None:

@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from PIL import Image
 from redis.exceptions import OutOfMemoryError
 
 from bot.backends import NOT_ACCEPTING, Deliver
@@ -35,7 +36,7 @@ from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull, StartupErr
 from bot.executor import Job
 from bot.jobs import Charge, JobKind, Origin, Progress
 from bot.redis import wire
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings
 from bot.status import BackendStatus, WorkerStatus
 
@@ -153,6 +154,11 @@ class RedisBackend:
                 charge: Charge | None = None) -> RedisJob[list[Drawing]]:
         return self._submit(request, owner=owner, weight=request.count, origin=origin, charge=charge)
 
+    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
+                charge: Charge | None = None) -> RedisJob[Image.Image]:
+        # No origin: nothing re-attaches an upscale, so it ends with this process (and is refunded).
+        return self._submit(request, owner=owner, weight=1, origin=None, charge=charge)
+
     def jobs_of(self, owner: int) -> int:
         return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())
 
@@ -246,7 +252,8 @@ class RedisBackend:
                     charge=None if job.charge is None else wire.ChargeData.of(job.charge))
                 pipe.hset(wire.AWAITING, job.id, record.model_dump_json())
                 if origin.token:
-                    reply = wire.Reply(application=origin.application_id, token=origin.token)
+                    reply = wire.Reply(application=origin.application_id, token=origin.token,
+                                       created=origin.created_at)
                     pipe.set(wire.reply_key(job.id), reply.model_dump_json(), ex=min(self.ttl, TOKEN_SECONDS))
             pipe.xadd(wire.JOBS, entry.fields())  # type: ignore[arg-type]
             *_, entry_id = await pipe.execute()
@@ -377,6 +384,8 @@ class RedisBackend:
                 outcome = JobFailed(EXPIRED)
             elif job.kind == "ask":
                 outcome = blobs[0].decode()
+            elif job.kind == "upscale":
+                outcome = await asyncio.to_thread(wire.unpng, blobs[0])
             else:
                 outcome = await asyncio.to_thread(lambda: [wire.unpng_drawing(blob) for blob in blobs])
         elif kind == wire.FAILED:
@@ -507,7 +516,7 @@ class RedisBackend:
                 self, job_id=job_id, kind=kind, owner=record.owner,
                 weight=request.count if isinstance(request, ImagineRequest) else 1,
                 origin=Origin(record.guild, record.channel, reply.application if reply else 0,
-                              reply.token if reply else "", record.message),
+                              reply.token if reply else "", record.message, reply.created if reply else 0.0),
                 charge=record.charge.charge() if record.charge else None)
             job.entry_id = queued.get(raw_id, "0-1")  # not queued any more: ran or is running (or was lost)
             job.inputs = record.inputs

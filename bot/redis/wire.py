@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bot.jobs import Charge
 from bot.limits import ALLOWED
-from bot.requests import AskRequest, Drawing, ImagineRequest, Turn
+from bot.requests import AskRequest, Drawing, ImagineRequest, Turn, UpscaleRequest
 
 JOBS = "janus:jobs"
 DEAD = "janus:dead"
@@ -74,7 +74,7 @@ STARTED, RESTARTED, PROGRESS, PREVIEW, DONE, FAILED, CANCELLED = (
     "started", "restarted", "progress", "preview", "done", "failed", "cancelled")
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
-Request = AskRequest | ImagineRequest
+Request = AskRequest | ImagineRequest | UpscaleRequest
 
 
 class BadEntry(ValueError):
@@ -168,6 +168,10 @@ class ImagineData(_Strict):
     keep: Annotated[list[Annotated[int, Field(ge=0, lt=IMAGE_TOKENS)]], Field(max_length=MAX_KEEP)] = []
 
 
+class UpscaleData(_Strict):
+    tokens: Annotated[list[Annotated[int, Field(ge=0, lt=IMAGE_TOKENS)]], Field(min_length=1, max_length=MAX_KEEP)]
+
+
 class TurnData(_Strict):
     role: Literal["user", "assistant"]
     text: Text
@@ -202,11 +206,11 @@ class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-    kind: Literal["ask", "imagine"]
+    kind: Literal["ask", "imagine", "upscale"]
     weight: Annotated[int, Field(ge=1, le=MAX_COUNT)]
     request: Annotated[str, Field(max_length=MAX_REQUEST_CHARS)]
 
-    def data(self) -> AskData | ImagineData:
+    def data(self) -> AskData | ImagineData | UpscaleData:
         """The request, checked against the schema of its kind (raises BadEntry)."""
         data = request_data(self.kind, self.request)
         weight = data.count if isinstance(data, ImagineData) else 1
@@ -261,11 +265,12 @@ class Reply(BaseModel):
 
     application: int
     token: Annotated[str, Field(max_length=500)] = Field(repr=False)
+    created: float = 0.0  # when the interaction was made (POSIX seconds)
 
 
-def request_data(kind: str, text: str) -> AskData | ImagineData:
+def request_data(kind: str, text: str) -> AskData | ImagineData | UpscaleData:
     """A request's JSON, checked against the schema of its kind (raises BadEntry)."""
-    model = AskData if kind == "ask" else ImagineData
+    model = {"ask": AskData, "imagine": ImagineData}.get(kind, UpscaleData)
     try:
         return model.model_validate_json(text)
     except ValidationError as error:
@@ -308,10 +313,13 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
     entry and stored under their own keys. Raises BadEntry for a request a worker would refuse."""
     try:
         if isinstance(request, ImagineRequest):
-            data: AskData | ImagineData = ImagineData(
+            data: AskData | ImagineData | UpscaleData = ImagineData(
                 prompt=request.prompt, count=request.count, guidance=float(request.guidance),
                 temperature=float(request.temperature), seed=request.seed, keep=list(request.keep))
             return Entry(job=job_id, kind="imagine", weight=request.count, request=data.model_dump_json()), []
+        if isinstance(request, UpscaleRequest):
+            data = UpscaleData(tokens=list(request.tokens))
+            return Entry(job=job_id, kind="upscale", weight=1, request=data.model_dump_json()), []
         images: list[Image.Image] = []
 
         def refer(batch: tuple[Image.Image, ...]) -> list[int]:
@@ -328,11 +336,13 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
         raise BadEntry(_first_error(error)) from None
 
 
-def decode_request(data: AskData | ImagineData, images: Sequence[Image.Image | None]) -> Request:
+def decode_request(data: AskData | ImagineData | UpscaleData, images: Sequence[Image.Image | None]) -> Request:
     """The request a checked entry holds, given its images in order (None for one that is gone: left out)."""
     if isinstance(data, ImagineData):
         return ImagineRequest(prompt=data.prompt, count=data.count, guidance=data.guidance,
                               temperature=data.temperature, seed=data.seed, keep=tuple(data.keep))
+    if isinstance(data, UpscaleData):
+        return UpscaleRequest(tuple(data.tokens))
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
         return tuple(image for i in indices if i < len(images) and (image := images[i]) is not None)

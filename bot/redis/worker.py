@@ -42,7 +42,7 @@ from bot.errors import JobCancelled, StartupError, UserFacingError
 from bot.executor import GpuExecutor
 from bot.jobs import Job, Progress
 from bot.redis import wire
-from bot.requests import ImagineRequest
+from bot.requests import ImagineRequest, UpscaleRequest
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ SET_ASIDE = (f"Sorry, this request stopped the GPU worker that took it {wire.MAX
              "was set aside. Please try a different prompt or settings.")
 UNREADABLE = "Sorry, the GPU worker could not read this request, so it was set aside. Please ask again."
 INPUT_EXPIRED = "Sorry, this request's images expired before a GPU worker got to it. Please ask again."
-JOB_KINDS = ("ask", "imagine")  # the kinds of job a worker's figures count (not its model's loading)
+JOB_KINDS = ("ask", "imagine", "upscale")  # the kinds of job a worker's figures count (not its model's loading)
 
 # KEYS: the job stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries the consumer still
 # owns and returns their ids.
@@ -331,6 +331,8 @@ class Worker:
         for held in taken:
             if isinstance(held.request, ImagineRequest):
                 held.job = self.backend.imagine(held.request, owner=0)
+            elif isinstance(held.request, UpscaleRequest):
+                held.job = self.backend.upscale(held.request, owner=0)
             else:
                 held.job = self.backend.ask(held.request, owner=0)
             task = asyncio.create_task(self._relay(held), name=f"relay-{held.job_id}")
@@ -521,6 +523,8 @@ class Worker:
 def _encode_outcome(outcome: Any) -> list[bytes]:
     if isinstance(outcome, str):
         return [outcome.encode()]
+    if isinstance(outcome, Image.Image):  # an upscale
+        return [wire.png(outcome)]
     return [wire.png_drawing(drawing) for drawing in outcome]
 
 
