@@ -84,7 +84,7 @@ class FakeStudio:
                    for r in requests]
         asked = [float(m[1]) for r in requests if (m := re.search(r"slow:([\d.]+)", r.question))]
         seconds = max(asked, default=0.2)
-        for step in range(STEPS):  # half of each answer, then the rest once the time is up
+        for _step in range(STEPS):  # half of each answer, then the rest once the time is up
             for answer, report in zip(answers, reports, strict=True):
                 report(Progress(1, 2, answer[: len(answer) // 2]))
             if hang:
