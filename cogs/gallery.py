@@ -11,7 +11,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import discord
 from discord.ext import commands
@@ -61,15 +61,15 @@ def gallery_layout(gallery_id: int, text: str, files: Sequence[discord.File], *,
     indices = range(first, first + len(files))
     if len(files) <= BUTTONS_UP_TO:
         if upscale:
-            container.add_item(discord.ui.ActionRow(*(UpscaleButton(gallery_id, i) for i in indices)))
-        container.add_item(discord.ui.ActionRow(*(VaryButton(gallery_id, i) for i in indices)))
+            container.add_item(discord.ui.ActionRow[Any](*(UpscaleButton(gallery_id, i) for i in indices)))
+        container.add_item(discord.ui.ActionRow[Any](*(VaryButton(gallery_id, i) for i in indices)))
     else:
         if upscale:
-            container.add_item(discord.ui.ActionRow(UpscaleSelect(gallery_id, first, len(files))))
-        container.add_item(discord.ui.ActionRow(VarySelect(gallery_id, first, len(files))))
-    container.add_item(discord.ui.ActionRow(DescribeSelect(gallery_id, len(files), first)))
+            container.add_item(discord.ui.ActionRow[Any](UpscaleSelect(gallery_id, first, len(files))))
+        container.add_item(discord.ui.ActionRow[Any](VarySelect(gallery_id, first, len(files))))
+    container.add_item(discord.ui.ActionRow[Any](DescribeSelect(gallery_id, len(files), first)))
     if shared_actions:
-        container.add_item(discord.ui.ActionRow(RerollButton(gallery_id), RemixButton(gallery_id),
+        container.add_item(discord.ui.ActionRow[Any](RerollButton(gallery_id), RemixButton(gallery_id),
                                                 DeleteButton(gallery_id)))
     view.add_item(container)
     return view
@@ -81,7 +81,7 @@ def upscaled_layout(record_id: int, text: str, file: discord.File) -> discord.ui
     view.add_item(discord.ui.Container(
         discord.ui.TextDisplay(text[:4000]),
         discord.ui.MediaGallery(discord.MediaGalleryItem(f"attachment://{file.filename}")),
-        discord.ui.ActionRow(DeleteButton(record_id)),
+        discord.ui.ActionRow[Any](DeleteButton(record_id)),
     ))
     return view
 
@@ -409,8 +409,8 @@ class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:
         self.gallery_id, self.index = gallery_id, index
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> UpscaleButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -424,8 +424,8 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:var
         self.gallery_id, self.index = gallery_id, index
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> VaryButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -444,8 +444,8 @@ class UpscaleSelect(discord.ui.DynamicItem[discord.ui.Select],
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select,
-                             match: re.Match[str]) -> UpscaleSelect:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]), int(match["first"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -461,8 +461,8 @@ class VarySelect(discord.ui.DynamicItem[discord.ui.Select],
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select,
-                             match: re.Match[str]) -> VarySelect:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]), int(match["first"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -481,8 +481,8 @@ class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select],
         super().__init__(discord.ui.Select(placeholder="💬 Describe an image…", options=options, custom_id=custom_id))
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select,
-                             match: re.Match[str]) -> DescribeSelect:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]), int(match["n"]), int(match["first"] or 0))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -496,8 +496,8 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:r
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> RerollButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -511,8 +511,8 @@ class RemixButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:re
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> RemixButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -526,8 +526,8 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:d
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> DeleteButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -544,8 +544,8 @@ class ImaginePromptButton(discord.ui.DynamicItem[discord.ui.Button],
         self.prompt_id = prompt_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
-                             match: re.Match[str]) -> ImaginePromptButton:
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["prompt"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
