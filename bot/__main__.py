@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -60,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return asyncio.run(run_worker(settings))
         else:
-            from bot.client import run_bot
+            from bot.client import GPU_STUCK_EXIT, run_bot
 
-            return asyncio.run(run_bot(settings))
+            code = asyncio.run(run_bot(settings))
+            if code == GPU_STUCK_EXIT:  # the stuck GPU thread would keep the interpreter from ever exiting
+                logging.shutdown()
+                os._exit(code)
+            return code
     except StartupError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from bot.errors import QueueFull
-from bot.executor import GpuExecutor
+from bot.executor import GPU_STUCK, GpuExecutor
 from bot.jobs import Charge, Job, JobKind, Origin, Reporter
 from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings
@@ -114,6 +114,8 @@ class LocalBackend:
         self.accepting = False
 
     def _check_accepting(self) -> None:
+        if self.executor.stuck:
+            raise QueueFull(GPU_STUCK)
         if not self.accepting:
             raise QueueFull(NOT_ACCEPTING)
 
@@ -136,6 +138,6 @@ class LocalBackend:
             name=self.name, host=self.name.rpartition(":")[0], model=self.settings.janus_model,
             device=str(device.get("device", self.settings.janus_device)),
             dtype=str(device.get("dtype", self.settings.janus_dtype)),
-            loaded=studio is not None, gpu_memory_bytes=device.get("gpu_memory_bytes"),
+            loaded=studio is not None, gpu_stuck=self.executor.stuck, gpu_memory_bytes=device.get("gpu_memory_bytes"),
             slots=self.executor.max_batch, busy=busy, jobs_done=self.executor.jobs_done,
             timings=self.executor.timings())

@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.backends import Backend, LocalBackend
-from bot.errors import StartupError, UserFacingError
+from bot.errors import JobCancelled, StartupError, UserFacingError
 from bot.executor import GpuExecutor
 from bot.jobs import Reporter
 from bot.quota import Quota
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.gallery", "cogs.admin", "cogs.status")
 SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
 SHUTDOWN_GRACE_SECONDS = 60.0
+GPU_STUCK_EXIT = 3  # the exit code when the GPU thread never came back: restart the process (compose, systemd)
 
 
 def make_intents() -> discord.Intents:
@@ -63,6 +64,7 @@ class JanusBot(commands.AutoShardedBot):
         self.studio = studio  # a bot.studio.Studio; loaded on the GPU thread in setup_hook when not given
         self.started_at = time.perf_counter()
         self.exit_code = 0
+        executor.on_stuck = self._gpu_stuck
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
         if settings.discord_gateway_url:
             self._use_configured_gateway(settings.discord_gateway_url)
@@ -97,13 +99,26 @@ class JanusBot(commands.AutoShardedBot):
             # Assigned on the GPU thread itself, so the jobs queued behind the load see it at once.
             self.studio = Studio.load(self.settings, preview_seconds=self.settings.preview_seconds)
 
-        try:
-            await self.executor.submit(load, kind="load")
+        try:  # however long it takes: JOB_TIMEOUT_SECONDS is for members' jobs
+            await self.executor.submit(load, kind="load", timed=False)
+        except JobCancelled:  # shutting down meanwhile
+            return
         except StartupError as error:
-            log.critical("%s", error)
-            self.exit_code = 1
-            await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
-            await self.close()
+            reason = str(error)
+        except Exception as error:  # noqa: BLE001 - warming up, CUDA, a bug: any failure stops the bot
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = f"JANUS_MODEL: could not load {self.settings.janus_model!r}: {first_line}"
+        else:
+            return
+        log.critical("%s", reason)
+        self.exit_code = 1
+        await self.executor.close("Sorry, the model could not be loaded; the bot's owner has been told.")
+        await self.close()
+
+    def _gpu_stuck(self) -> None:
+        """The executor gave up on its GPU thread (it told the waiting members): exit, to be restarted."""
+        self.exit_code = GPU_STUCK_EXIT
+        self.loop.create_task(self.shutdown(), name="gpu-stuck-shutdown")
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: the cogs listen to messages themselves (so a mention is no CommandNotFound)."""
@@ -167,6 +182,7 @@ async def run_bot(settings: Settings) -> int:
     async with (
         UsageStore.open(settings.database_path) as store,
         GpuExecutor(settings.queue_size, max_batch=settings.max_batch_images, job_timeout=settings.job_timeout_seconds,
+                    stuck_grace=settings.gpu_stuck_seconds,
                     notify_interval=settings.status_update_seconds) as executor,
         open_backend(settings) as remote,  # None unless EXECUTOR=redis
     ):

@@ -27,6 +27,9 @@ P = TypeVar("P")
 
 BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 
+GPU_STUCK = ("The GPU is stuck on an earlier request, so the bot cannot take any work right now; its operator "
+             "has been alerted and it will restart. Please ask again in a few minutes.")
+
 
 class Job(Generic[T]):
     """A unit of GPU work: awaitable for its result, cancellable while queued, observable while it runs."""
@@ -43,6 +46,7 @@ class Job(Generic[T]):
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self._abandoned = False  # set by the loop; the GPU thread sees it at its next report
+        self.timed = True  # False: exempt from the executor's job timeout (loading the model)
         self._executor: GpuExecutor | None = None
         # The rest of the `bot.jobs.Job` surface: what the cogs read whichever backend runs the job.
         self.charge: Charge | None = None
@@ -121,8 +125,13 @@ class GpuExecutor:
     """Serialises all model work onto one thread; a bounded FIFO queue feeds it."""
 
     def __init__(self, queue_size: int = 16, *, max_batch: int = 16, job_timeout: float | None = None,
-                 notify_interval: float = 1.0) -> None:
+                 stuck_grace: float = 120.0, notify_interval: float = 1.0) -> None:
+        """A timed-out job that has not given the thread back `stuck_grace` seconds later leaves the GPU stuck:
+        the executor then takes no more work and calls `on_stuck` (on the loop)."""
         self.queue_size, self.max_batch, self.job_timeout = queue_size, max_batch, job_timeout
+        self.stuck_grace = stuck_grace
+        self.stuck = False
+        self.on_stuck: Callable[[], None] | None = None
         self.notify_interval = notify_interval
         self._waiting: collections.deque[tuple[Job[Any], Callable[[], Any] | None, BatchRunner | None, Any]] = (
             collections.deque()
@@ -174,9 +183,13 @@ class GpuExecutor:
     def _all_jobs(self) -> list[Job[Any]]:
         return [entry[0] for entry in self._waiting] + self.running
 
-    def submit(self, fn: Callable[[Reporter], T], *, kind: str = "job", owner: int | None = None) -> Job[T]:
-        """Queue `fn(report)` for the GPU thread; raises QueueFull when the queue is at capacity."""
-        return self._enqueue(kind, owner, 1, fn, None, None)
+    def submit(self, fn: Callable[[Reporter], T], *, kind: str = "job", owner: int | None = None,
+               timed: bool = True) -> Job[T]:
+        """Queue `fn(report)` for the GPU thread; raises QueueFull when the queue is at capacity. A job that is
+        not `timed` may run as long as it takes (loading the model)."""
+        job = self._enqueue(kind, owner, 1, fn, None, None)
+        job.timed = timed
+        return job
 
     def submit_batched(
         self, runner: BatchRunner, payload: Any, *, weight: int = 1, kind: str = "job", owner: int | None = None
@@ -194,6 +207,8 @@ class GpuExecutor:
         self, kind: str, owner: int | None, weight: int, fn: Callable[[Reporter], Any] | None,
         runner: BatchRunner | None, payload: Any,
     ) -> Job[Any]:
+        if self.stuck:
+            raise QueueFull(GPU_STUCK)
         if not self._accepting:
             raise QueueFull("The bot is not taking new requests right now (it may be restarting).")
         if len(self._waiting) >= self.queue_size:
@@ -271,7 +286,7 @@ class GpuExecutor:
                 self.running = []
 
     async def _await_thread(self, thread_future: asyncio.Future[list[Any]], work: _Work) -> list[Any]:
-        if self.job_timeout is None:
+        if self.job_timeout is None or not all(job.timed for job in work.jobs):
             return await thread_future
         try:
             return await asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout)
@@ -281,12 +296,29 @@ class GpuExecutor:
                 job.cancel(f"Sorry, this request took longer than {limit} and was stopped.")
             log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
                       self.job_timeout)
-            await asyncio.wait([thread_future])
+            done, _ = await asyncio.wait([thread_future], timeout=self.stuck_grace)
+            if not done:
+                self._give_up(work, thread_future)
+                raise
             # The cancelled shield no longer looks at the thread's outcome: take it, or asyncio logs it as an
             # error that was never retrieved.
             if not thread_future.cancelled() and (stopped := thread_future.exception()) is not None:
                 log.info("The timed-out %s job stopped: %r", work.jobs[0].kind, stopped)
             raise
+
+    def _give_up(self, work: _Work, thread_future: asyncio.Future[list[Any]]) -> None:
+        """The GPU thread did not come back: take no more work, tell everyone waiting, let the owner know."""
+        self.stuck, self._accepting = True, False
+        log.error("The GPU is stuck: the timed-out %s job still holds the GPU thread %.0fs later; taking no more "
+                  "work, telling %d waiting request(s); the bot must be restarted", work.jobs[0].kind,
+                  self.stuck_grace, len(self._waiting))
+        for job, *_rest in list(self._waiting):
+            job.cancel(GPU_STUCK)
+        self._waiting.clear()
+        # Nobody awaits the thread any more: take its outcome, should it ever come, so asyncio does not log it.
+        thread_future.add_done_callback(lambda future: future.cancelled() or future.exception())
+        if self.on_stuck is not None:
+            self.on_stuck()
 
     @staticmethod
     def _fail(jobs: list[Job[Any]], error: BaseException) -> None:
@@ -311,5 +343,5 @@ class GpuExecutor:
                     job.cancel(reason)
                 await self._dispatcher
             self._dispatcher = None
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown(wait=not self.stuck)  # a stuck thread never ends: do not wait for it
 

@@ -47,6 +47,8 @@ def families(status: Status | None) -> Iterator[Metric]:
     online = GaugeMetricFamily("janus_workers_online", "Live processes running jobs (GPU workers, or the bot)",
                                labels=[])
     loaded = GaugeMetricFamily("janus_model_loaded", "1 once a live worker has its model loaded", labels=[])
+    stuck = GaugeMetricFamily("janus_gpu_stuck", "1 once a timed-out job never gave the GPU back (EXECUTOR=local)",
+                              labels=[])
     memory = GaugeMetricFamily("janus_gpu_memory_bytes", "GPU memory allocated (EXECUTOR=local)", labels=[])
     seconds = GaugeMetricFamily("janus_job_seconds", "Recent job run time by kind (EXECUTOR=local)",
                                 labels=["kind", "stat"])
@@ -68,6 +70,8 @@ def families(status: Status | None) -> Iterator[Metric]:
         uptime.add_metric([], status.uptime_seconds)
         online.add_metric([], len(backend.workers))
         loaded.add_metric([], int(any(worker.loaded for worker in backend.workers)))
+        if not backend.remote:
+            stuck.add_metric([], int(any(worker.gpu_stuck for worker in backend.workers)))
         for worker in backend.workers:
             worker_loaded.add_metric([worker.name], int(worker.loaded))
             if worker.gpu_memory_bytes is not None:
@@ -82,7 +86,7 @@ def families(status: Status | None) -> Iterator[Metric]:
                     worker_seconds.add_metric([worker.name, kind, stat], value)
                     if not backend.remote:
                         seconds.add_metric([kind, stat], value)
-    yield from (waiting, running, jobs_done, uptime, online, loaded, memory, seconds, worker_loaded,
+    yield from (waiting, running, jobs_done, uptime, online, loaded, stuck, memory, seconds, worker_loaded,
                 worker_memory, busy, slots, done, worker_seconds)
 
 

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     images_per_prompt: int = Field(4, ge=1, le=10, description="Images per /imagine unless the member asks otherwise")
     queue_size: int = Field(16, ge=1, description="Jobs waiting for the GPU before new ones are refused")
     job_timeout_seconds: float = Field(600.0, gt=0, description="A job running longer than this is abandoned")
+    gpu_stuck_seconds: float = Field(120.0, gt=0,
+                                     description="An abandoned job still on the GPU after this: stop and exit")
     max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
     decode_concurrency: int = Field(2, ge=1, le=64, description="Images downloaded and decoded at once")
     status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from bot.client import JanusBot
 
+STUCK = ("⚠️ **The GPU is stuck**: a timed-out job never gave it back. No work is taken; the bot is exiting to "
+         "be restarted.")
 Timings = dict[str, tuple[int, float, float]]  # kind -> (recent jobs, mean seconds, 95th percentile seconds)
 
 
@@ -26,6 +28,7 @@ class WorkerStatus(BaseModel):
     device: str = Field(max_length=50)
     dtype: str = Field(max_length=50)
     loaded: bool = True
+    gpu_stuck: bool = False  # a timed-out job never gave the GPU back: it takes no work until restarted
     gpu_memory_bytes: int | None = Field(default=None, ge=0)  # allocated on its GPU; None on CPU
     slots: int = Field(ge=0)  # images it runs at once
     busy: int = Field(ge=0)  # of those, taken by the jobs it holds
@@ -68,8 +71,9 @@ def render(status: Status) -> str:
     queue = f"**Queue** {backend.waiting} waiting, {backend.running} running · **jobs done** {status.jobs_done}"
     if not backend.remote:
         [me] = backend.workers
+        stuck = [STUCK] if me.gpu_stuck else []
         return "\n".join([
-            f"**Model** `{status.model}` on {me.device} ({me.dtype})" + ("" if me.loaded else " — loading…"),
+            *stuck, f"**Model** `{status.model}` on {me.device} ({me.dtype})" + ("" if me.loaded else " — loading…"),
             queue, f"{uptime} · **GPU memory** {memory(me.gpu_memory_bytes)}", *timing_lines(me.timings)])
     online = len(backend.workers)
     lines = [f"**Model** `{status.model}` · **GPU workers** {online} online (through Redis)", queue, uptime]

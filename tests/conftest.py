@@ -103,7 +103,8 @@ async def make_bot(settings: Settings, studio, monkeypatch: pytest.MonkeyPatch):
         current = settings.model_copy(update={"status_update_seconds": 0.0, **overrides})
         store = await UsageStore.connect(current.database_path)
         executor = GpuExecutor(current.queue_size, max_batch=current.max_batch_images,
-                               job_timeout=current.job_timeout_seconds, notify_interval=0.0)
+                               job_timeout=current.job_timeout_seconds, stuck_grace=current.gpu_stuck_seconds,
+                               notify_interval=0.0)
         bot = JanusBot(settings=current, store=store, executor=executor, studio=studio, shard_count=1)
         made.append(bot)
         return bot
