@@ -1,5 +1,5 @@
-"""Where the cogs' model jobs run: the one `Backend` protocol, and local mode, which runs them in this process on
-the GPU thread. With EXECUTOR=redis, GPU workers elsewhere serve the same protocol (bot/redis/). Cogs, the
+"""Where the cogs' model jobs run: the one `Backend` protocol, and local mode, which runs them in this process
+on the GPU thread. With EXECUTOR=redis, GPU workers elsewhere serve the same protocol (bot/redis/). Cogs, the
 client, /status and the metrics only ever see a `Backend` and `bot.jobs.Job`s."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from bot.status import BackendStatus, WorkerStatus
 
 NOT_ACCEPTING = "The bot is not taking new requests right now (it may be restarting)."
 
-# How a cog shows and delivers a job an earlier run of the bot was waiting for: (job, its request, its origin).
+# How a cog shows and delivers a job an earlier run of the bot was waiting for: (job, its request, its
+# origin).
 Deliver = Callable[[Job[Any], Any, Origin], Coroutine[Any, Any, None]]
 
 
@@ -44,8 +45,9 @@ class Backend(Protocol):
         ...
 
     async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
-        """Follow again the jobs of `kind` an earlier run of the bot was waiting for, calling `deliver` at once
-        for each (their `charge` is set); returns how many. Where jobs die with the bot there are none."""
+        """Follow again the jobs of `kind` an earlier run of the bot was waiting for, calling `deliver` at
+        once for each (their `charge` is set); returns how many. Where jobs die with the bot there are
+        none."""
         ...
 
     def jobs_of(self, owner: int) -> int:
@@ -138,6 +140,7 @@ class LocalBackend:
             name=self.name, host=self.name.rpartition(":")[0], model=self.settings.janus_model,
             device=str(device.get("device", self.settings.janus_device)),
             dtype=str(device.get("dtype", self.settings.janus_dtype)),
-            loaded=studio is not None, gpu_stuck=self.executor.stuck, gpu_memory_bytes=device.get("gpu_memory_bytes"),
+            loaded=studio is not None, gpu_stuck=self.executor.stuck,
+            gpu_memory_bytes=device.get("gpu_memory_bytes"),
             slots=self.executor.max_batch, busy=busy, jobs_done=self.executor.jobs_done,
             timings=self.executor.timings())

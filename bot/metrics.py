@@ -23,14 +23,15 @@ SCRAPE_TIMEOUT = 5.0
 
 
 class BotCollector(Collector):
-    """Reads the figures on the bot's loop (where the backend lives) for each scrape, which comes on the metrics
-    server's thread."""
+    """Reads the figures on the bot's loop (where the backend lives) for each scrape, which comes on the
+    metrics server's thread."""
 
     def __init__(self, bot: JanusBot, loop: asyncio.AbstractEventLoop) -> None:
         self.bot, self.loop = bot, loop
 
     def describe(self) -> Iterator[Metric]:
-        """The metric names, without reading figures (registering happens on the loop, which must not wait)."""
+        """The metric names, without reading figures (registering happens on the loop, which must not
+        wait)."""
         return families(None)
 
     def collect(self) -> Iterator[Metric]:
@@ -44,10 +45,11 @@ def families(status: Status | None) -> Iterator[Metric]:
     running = GaugeMetricFamily("janus_queue_running", "Jobs running on a GPU", labels=[])
     jobs_done = CounterMetricFamily("janus_jobs_done", "Jobs finished by the live workers", labels=[])
     uptime = GaugeMetricFamily("janus_uptime_seconds", "Seconds since the bot started", labels=[])
-    online = GaugeMetricFamily("janus_workers_online", "Live processes running jobs (GPU workers, or the bot)",
-                               labels=[])
+    online = GaugeMetricFamily("janus_workers_online", "Live processes running jobs (GPU workers, or the "
+                               "bot)", labels=[])
     loaded = GaugeMetricFamily("janus_model_loaded", "1 once a live worker has its model loaded", labels=[])
-    stuck = GaugeMetricFamily("janus_gpu_stuck", "1 once a timed-out job never gave the GPU back (EXECUTOR=local)",
+    stuck = GaugeMetricFamily("janus_gpu_stuck", "1 once a timed-out job never gave the GPU back "
+                              "(EXECUTOR=local)",
                               labels=[])
     memory = GaugeMetricFamily("janus_gpu_memory_bytes", "GPU memory allocated (EXECUTOR=local)", labels=[])
     seconds = GaugeMetricFamily("janus_job_seconds", "Recent job run time by kind (EXECUTOR=local)",
@@ -59,6 +61,8 @@ def families(status: Status | None) -> Iterator[Metric]:
     busy = GaugeMetricFamily("janus_worker_busy_slots", "Images the worker's jobs take of its slots",
                              labels=["worker"])
     slots = GaugeMetricFamily("janus_worker_slots", "Images the worker runs at once", labels=["worker"])
+    worker_stuck = GaugeMetricFamily("janus_worker_gpu_stuck", "1 once the worker's GPU thread is stuck",
+                                     labels=["worker"])
     done = CounterMetricFamily("janus_worker_jobs_done", "Jobs the worker finished", labels=["worker"])
     worker_seconds = GaugeMetricFamily("janus_worker_job_seconds", "Recent job run time by worker and kind",
                                        labels=["worker", "kind", "stat"])
@@ -74,6 +78,7 @@ def families(status: Status | None) -> Iterator[Metric]:
             stuck.add_metric([], int(any(worker.gpu_stuck for worker in backend.workers)))
         for worker in backend.workers:
             worker_loaded.add_metric([worker.name], int(worker.loaded))
+            worker_stuck.add_metric([worker.name], int(worker.gpu_stuck))
             if worker.gpu_memory_bytes is not None:
                 worker_memory.add_metric([worker.name], worker.gpu_memory_bytes)
                 if not backend.remote:
@@ -87,11 +92,12 @@ def families(status: Status | None) -> Iterator[Metric]:
                     if not backend.remote:
                         seconds.add_metric([kind, stat], value)
     yield from (waiting, running, jobs_done, uptime, online, loaded, stuck, memory, seconds, worker_loaded,
-                worker_memory, busy, slots, done, worker_seconds)
+                worker_stuck, worker_memory, busy, slots, done, worker_seconds)
 
 
 def serve_metrics(bot: JanusBot, port: int) -> None:
-    """Start the endpoint on its own thread; scrapes read the bot's figures on its loop. Call it on the loop."""
+    """Start the endpoint on its own thread; scrapes read the bot's figures on its loop. Call it on the
+    loop."""
     REGISTRY.register(BotCollector(bot, asyncio.get_running_loop()))
     start_http_server(port)
     log.info("Prometheus metrics on :%d/metrics", port)

@@ -1,19 +1,18 @@
 """Processes for tests/test_redis_scaleout.py, started as `python -m scaleout_procs worker|bot ...` (tests/
 on PYTHONPATH, settings from the environment):
 
-- `worker`: the real `bot.redis.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny solid
-  PNGs in FAKE_STEPS steps through the same backend, executor and batcher, reporting progress at each step, a
-  preview halfway. A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL itself after
-  its first report; `fail me` makes the batch raise once drawn (the worker reports the job failed); `hang once`
-  makes the GPU thread hang after its first report, the first time that prompt is run. Questions are answered
-  with their images' sizes, half of the answer reported first; `slow:S`, `fail me` and `hang once` work in them
-  too. An upscale is a solid square four times as large, coloured by its first two tokens. Every request it
-  starts is appended to FAKE_RUNS as `pid prompt`. FAKE_GRACE sets its shutdown grace.
-- `real-worker`: the same with the real studio (JANUS_MODEL etc. from the environment); every batch of
-  questions it answers is appended to FAKE_RUNS as `pid asked N`.
-- `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one /imagine job with an origin through a
-  RedisBackend, prints `queued JOB_ID`, then `progress JOB_ID` once the worker reports, and waits to be killed.
-"""
+- `worker`: the real `bot.redis.worker.run_worker` with a fast fake studio instead of Janus. It draws tiny
+solid PNGs in FAKE_STEPS steps through the same backend, executor and batcher, reporting progress at each
+step, a preview halfway. A prompt containing `slow:S` takes S seconds; `kill me` makes the worker SIGKILL
+itself after its first report; `fail me` makes the batch raise once drawn (the worker reports the job failed);
+`hang once` makes the GPU thread hang after its first report, the first time that prompt is run. Questions are
+answered with their images' sizes, half of the answer reported first; `slow:S`, `fail me` and `hang once` work
+in them too. An upscale is a solid square four times as large, coloured by its first two tokens. Every request
+it starts is appended to FAKE_RUNS as `pid prompt`. FAKE_GRACE sets its shutdown grace. - `real-worker`: the
+same with the real studio (JANUS_MODEL etc. from the environment); every batch of questions it answers is
+appended to FAKE_RUNS as `pid asked N`. - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one
+/imagine job with an origin through a RedisBackend, prints `queued JOB_ID`, then `progress JOB_ID` once the
+worker reports, and waits to be killed."""
 
 from __future__ import annotations
 
@@ -153,7 +152,8 @@ def main(argv: list[str]) -> int:
         from bot.redis.worker import run_worker
 
         load = FakeStudio.load if argv[0] == "worker" else RecordingStudio.load
-        return asyncio.run(run_worker(settings, load_studio=load, grace=float(os.environ.get("FAKE_GRACE", "60"))))
+        grace = float(os.environ.get("FAKE_GRACE", "60"))
+        return asyncio.run(run_worker(settings, load_studio=load, grace=grace))
     prompt, guild, channel, owner = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     asyncio.run(submit_and_wait(prompt, guild, channel, owner))
     return 0

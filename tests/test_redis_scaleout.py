@@ -1,6 +1,6 @@
 """Scale-out through Redis (EXECUTOR=redis): a real redis-server, real worker processes (`python -m
-scaleout_procs worker`: bot.redis.worker with a fast fake studio), the bot's RedisBackend in this process. Leases are
-1.5 s, so a takeover happens within about two seconds; every wait has a deadline."""
+scaleout_procs worker`: bot.redis.worker with a fast fake studio), the bot's RedisBackend in this process.
+Leases are 1.5 s, so a takeover happens within about two seconds; every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from bot.status import WorkerStatus
 from bot.store import UsageStore
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="needs redis-server (apt-get install redis-server; .ci/run installs it)")
+                                reason="needs redis-server (apt-get install redis-server; .ci/run has it)")
 
 TESTS = Path(__file__).parent
 LEASE = 1.5
@@ -99,7 +99,8 @@ class Processes:
 
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         self.tmp_path, self.runs_file = tmp_path, tmp_path / "runs.txt"
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+        self.env = {**os.environ, "PYTHONPATH": path,
                     "REDIS_URL": settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
                     "WORKER_LEASE_SECONDS": str(LEASE), "STATUS_UPDATE_SECONDS": "0.05",
                     "RESULT_TTL_SECONDS": "120", "FAKE_RUNS": str(self.runs_file), "LOG_LEVEL": "INFO"}
@@ -214,7 +215,8 @@ async def test_a_long_job_on_a_live_worker_is_not_taken_over(procs, backend, red
 
 async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, redis):
     await asyncio.gather(procs.worker(WORKER_SLOTS="2"), procs.worker(WORKER_SLOTS="2"))
-    jobs = [backend.imagine(ImagineRequest(f"pebble {i} slow:0.6", count=1, seed=i), owner=i) for i in range(8)]
+    jobs = [backend.imagine(ImagineRequest(f"pebble {i} slow:0.6", count=1, seed=i), owner=i)
+            for i in range(8)]
     most: dict[bytes, int] = {}
 
     async def sample() -> None:
@@ -230,8 +232,10 @@ async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, r
     await nothing_left(redis)
 
 
-async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart(procs, settings, backend, redis):
-    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7, origin=Origin(1, 2, 3, "token"))
+async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart(procs, settings, backend,
+                                                                                 redis):
+    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7,
+                                origin=Origin(1, 2, 3, "token"))
     behind = backend.imagine(ImagineRequest("after it", count=1), owner=8)
     await until(lambda: withdrawn.position == 1 and behind.position == 2, 10, "queue positions from Redis")
 
@@ -401,7 +405,8 @@ async def test_bad_entries_are_set_aside_with_a_reason_and_the_worker_goes_on(pr
     await asyncio.wait_for(after, 20)
 
     assert worker.poll() is None  # it went on
-    reasons = {fields[b"job"].decode(): fields[b"reason"].decode() for _id, fields in await redis.xrange(wire.DEAD)}
+    dead = await redis.xrange(wire.DEAD)
+    reasons = {fields[b"job"].decode(): fields[b"reason"].decode() for _id, fields in dead}
     assert sorted(reasons) == sorted(bad)
     assert "not UTF-8" in reasons["1" * 32]
     assert "priority" in reasons["2" * 32] and "Extra inputs" in reasons["2" * 32]
@@ -473,8 +478,8 @@ async def make_redis_bot(settings: Settings, redis_url: str,
         current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
         store = await UsageStore.connect(current.database_path)
         backend = RedisBackend(wire.connect(redis_url), current)
-        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size), backend=backend,
-                       shard_count=1)
+        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size),
+                       backend=backend, shard_count=1)
         made.append((bot, backend))
         return bot
 
@@ -509,7 +514,8 @@ async def test_a_job_that_keeps_killing_workers_is_set_aside_refunded_and_told(s
 
     result = await scene.alice.slash(scene.channel, "imagine", prompt="kill me", count=1)
 
-    assert text_of(result.response).startswith("⚠️ Sorry, this request stopped the GPU worker that took it 3 times")
+    told = "⚠️ Sorry, this request stopped the GPU worker that took it 3 times"
+    assert text_of(result.response).startswith(told)
     usage = await scene.alice.slash(scene.channel, "usage")
     assert "Generations: 0/20 used" in usage.response.content  # refunded
     [(_id, dead)] = await redis.xrange(wire.DEAD)
@@ -528,30 +534,33 @@ async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(sim
         job = before.imagine(ImagineRequest(prompt, count=2, seed=5), owner=scene.alice.id,
                              origin=Origin(scene.guild.id, scene.channel.id))
         await until(lambda: job.progress is not None, 15, "progress")
-    # It went away mid-job without withdrawing anything (test_a_restarted_bot_reattaches_... kills it outright).
+    # It went away mid-job without withdrawing anything (test_a_restarted_bot_reattaches_... kills it
+    # outright).
 
     await simcord_env.restart_bot(await make_redis_bot())  # its cog re-attaches while it starts
 
-    [message] = scene.bot_messages()  # no interaction token to edit its response with: in the channel, mentioning
+    [message] = scene.bot_messages()  # no interaction token to edit its response with: in the channel
     assert text_of(message).startswith(f"{scene.alice.mention} **{prompt}** — {scene.alice.mention}")
     assert [(await decode(a)).getpixel((0, 0)) for a in message.attachments] == colors(prompt, 5, 2)
     assert message.components  # Re-roll, Delete, Describe
 
 
 def original_edits(env, since: int = 0) -> list[dict]:
-    """JSON bodies of the bot's edits of interaction responses (PATCH .../messages/@original), from `since` on."""
+    """JSON bodies of the bot's edits of interaction responses (PATCH .../messages/@original), from `since`
+    on."""
     return [e.json for e in env.http_requests[since:]
-            if e.method == "PATCH" and fnmatch(e.path, "/webhooks/*/messages/@original") and isinstance(e.json, dict)]
+            if e.method == "PATCH" and fnmatch(e.path, "/webhooks/*/messages/@original")
+            and isinstance(e.json, dict)]
 
 
 async def start_imagine_then_go_away(env, scene, prompt: str, seen: str, **options) -> None:
-    """/imagine through the current bot until the status shows `seen`; then that bot goes away mid-job, as run_bot
-    leaves it at exit (its backend closed: the job is left to the workers and to the next run)."""
+    """/imagine through the current bot until the status shows `seen`; then that bot goes away mid-job, as
+    run_bot leaves it at exit (its backend closed: the job is left to the workers and to the next run)."""
     env.settle_timeout = 1.0  # the command returns (timing out) while its job runs on
     with pytest.raises(TimeoutError):
         await scene.alice.slash(scene.channel, "imagine", prompt=prompt, **options)
-    await until(lambda: any(seen in text_displays(body.get("components") or []) for body in original_edits(env)), 15,
-                f"'{seen}'")
+    await until(lambda: any(seen in text_displays(body.get("components") or [])
+                            for body in original_edits(env)), 15, f"'{seen}'")
     await env.bot.backend.close()
     env.settle_timeout = 30.0  # the restarted bot settles once it has delivered
 
@@ -567,10 +576,10 @@ async def test_a_restarted_bot_keeps_editing_the_status_and_delivers_into_the_or
     assert 0 < await redis.ttl(key) <= 15 * 60  # the token is kept no longer than it lives
     since = len(simcord_env.http_requests)
 
-    await simcord_env.restart_bot(await make_redis_bot())  # re-attaches while it starts; settles once delivered
+    await simcord_env.restart_bot(await make_redis_bot())  # re-attaches as it starts; settles once delivered
 
     contents = [text_displays(body.get("components") or []) for body in original_edits(simcord_env, since)]
-    assert any(str(c).startswith("🎨 Drawing 2 image(s)") for c in contents[:-1]), contents  # status kept going
+    assert any(str(c).startswith("🎨 Drawing 2 image(s)") for c in contents[:-1]), contents  # kept going
     assert contents[-1].startswith(f"**{prompt}** — {scene.alice.mention}")  # the gallery, in the response
     [message] = scene.bot_messages()  # the original response; nothing posted in the channel
     assert text_of(message) == contents[-1]
@@ -599,8 +608,8 @@ async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(
 
 
 async def ask_then_go_away(env, scene, text: str, **options) -> discord.Message:
-    """Alice mentions the bot with a question; once the answer starts streaming into a reply, that bot goes away
-    mid-job as run_bot leaves it at exit. Returns her message."""
+    """Alice mentions the bot with a question; once the answer starts streaming into a reply, that bot goes
+    away mid-job as run_bot leaves it at exit. Returns her message."""
     env.settle_timeout = 1.0  # her message is handled (timing out) while its job runs on
     with pytest.raises(TimeoutError):
         await scene.alice.send(scene.channel, f"{scene.mention} {text}", **options)
@@ -611,8 +620,8 @@ async def ask_then_go_away(env, scene, text: str, **options) -> discord.Message:
     return question
 
 
-async def test_a_restarted_bot_answers_a_question_it_was_waiting_for_in_a_reply(simcord_env, procs,
-                                                                                make_redis_bot, redis, png_bytes):
+async def test_a_restarted_bot_answers_a_question_it_was_waiting_for_in_a_reply(
+        simcord_env, procs, make_redis_bot, redis, png_bytes):
     scene = open_scene(simcord_env)
     await procs.worker()
     question = await ask_then_go_away(simcord_env, scene, "what is this? slow:3",
@@ -670,7 +679,9 @@ async def scrape(bot: JanusBot) -> str:
 async def published(redis: aioredis.Redis, process: subprocess.Popen[bytes], **figures: object) -> bool:
     """Whether the worker's published figures include these."""
     record = await redis.get(wire.worker_key(f"{socket.gethostname()}:{process.pid}"))
-    return record is not None and figures.items() <= WorkerStatus.model_validate_json(record).model_dump().items()
+    if record is None:
+        return False
+    return figures.items() <= WorkerStatus.model_validate_json(record).model_dump().items()
 
 
 async def test_status_and_metrics_show_the_queue_in_redis_and_the_live_workers(simcord_env, procs, settings,
@@ -736,7 +747,8 @@ async def test_members_hear_when_no_worker_is_online_and_status_shows_each_worke
     assert "**jobs done** 1" in status
     assert f'janus_worker_jobs_done_total{{worker="{name}"}} 1.0' in page
     assert f'janus_worker_job_seconds{{kind="imagine",stat="p95",worker="{name}"}}' in page
-    assert "**GPU workers** 0 online" in after and "No GPU worker has been seen" in after  # its figures expired
+    assert "**GPU workers** 0 online" in after  # its figures expired
+    assert "No GPU worker has been seen" in after
 
 
 async def until_gone(redis: aioredis.Redis, process: subprocess.Popen[bytes]) -> None:

@@ -23,7 +23,8 @@ JOB = "ab" * 16
 def fields(entry: wire.Entry, **changes: str | bytes) -> dict[bytes, bytes]:
     """An entry's fields as Redis gives them back (bytes), with some changed."""
     raw = {**entry.fields(), **changes}
-    return {name.encode(): value if isinstance(value, bytes) else value.encode() for name, value in raw.items()}
+    return {name.encode(): value if isinstance(value, bytes) else value.encode()
+            for name, value in raw.items()}
 
 
 def test_requests_round_trip_through_the_schema() -> None:
@@ -63,6 +64,7 @@ def test_the_bot_refuses_to_queue_what_a_worker_would_refuse(request_, complaint
 
 def test_entries_a_worker_cannot_read_say_why() -> None:
     entry, _ = wire.encode_request(JOB, ImagineRequest("a fox", count=2))
+    request = entry.request
     cases = {
         "not UTF-8": fields(entry, request=b'{"prompt": "\xc3\x28"}'),
         "Extra inputs": fields(entry, priority="high"),
@@ -70,8 +72,8 @@ def test_entries_a_worker_cannot_read_say_why() -> None:
         "kind": fields(entry, kind="describe"),
         "weight 1 does not match": fields(entry, weight="1"),
         "JSON": fields(entry, request="{"),
-        "Input should be a valid integer": fields(entry, request=entry.request.replace('"count":2', '"count":"2"')),
-        "less than or equal to 20": fields(entry, request=entry.request.replace('"guidance":5.0', '"guidance":99')),
+        "Input should be a valid integer": fields(entry, request=request.replace('"count":2', '"count":"2"')),
+        "less than or equal to 20": fields(entry, request=request.replace('"guidance":5.0', '"guidance":99')),
     }
     for complaint, raw in cases.items():
         with pytest.raises(wire.BadEntry, match=complaint):
@@ -102,7 +104,8 @@ def test_question_images_are_stored_reduced_and_checked_when_read() -> None:
 
 
 def test_a_jobs_images_are_capped_in_all() -> None:
-    noise = [Image.effect_noise((wire.MAX_INPUT_SIDE, wire.MAX_INPUT_SIDE), 90).convert("RGB") for _ in range(3)]
+    side = wire.MAX_INPUT_SIDE
+    noise = [Image.effect_noise((side, side), 90).convert("RGB") for _ in range(3)]
     per_image = len(wire.encode_inputs(noise[:1])[0])
     count = wire.MAX_JOB_INPUT_BYTES // per_image + 1
     with pytest.raises(wire.BadEntry, match="too large"):
@@ -116,7 +119,8 @@ def test_results_carry_their_image_tokens_and_records_their_charge() -> None:
 
     charge = Charge(ALLOWED, guild_id=1, user_id=2, kind="ask", day="2026-01-02",
                     charged_at=datetime(2026, 1, 2, 3, 4, tzinfo=UTC), previous_request_at=None)
-    record = wire.Awaiting(kind="ask", owner=2, guild=1, channel=3, request="{}", charge=wire.ChargeData.of(charge))
+    record = wire.Awaiting(kind="ask", owner=2, guild=1, channel=3, request="{}",
+                           charge=wire.ChargeData.of(charge))
     again = wire.Awaiting.model_validate_json(record.model_dump_json()).charge
     assert again is not None and vars(again.charge()) == vars(charge)
 

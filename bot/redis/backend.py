@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from PIL import Image
@@ -78,7 +78,8 @@ class RedisJob(Job[T]):
         return 0 if self.started_at is not None or self.future.done() else self._position
 
     def cancel(self, reason: str = "This request was cancelled.") -> bool:
-        """Withdraw the job: workers skip it if it has not started and stop it at its next report if it has."""
+        """Withdraw the job: workers skip it if it has not started and stop it at its next report if it
+        has."""
         if self.future.done():
             return False
         self.future.set_exception(JobCancelled(reason))
@@ -141,7 +142,8 @@ class RedisBackend:
             self._watcher.cancel()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, *([self._watcher] if self._watcher else []), return_exceptions=True)
+        watching = [self._watcher] if self._watcher else []
+        await asyncio.gather(*self._tasks, *watching, return_exceptions=True)
         await self.redis.aclose()
 
     # ---- the Backend protocol ------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class RedisBackend:
     async def workers(self) -> tuple[WorkerStatus, ...]:
         """The live GPU workers, as each last published itself (its record expires a lease after that)."""
         keys = [key async for key in self.redis.scan_iter(match=wire.worker_key("*"), count=1000)]
-        records = await self.redis.mget(keys) if keys else []
+        records = await wire.get_many(self.redis, keys)
         workers = []
         for record in records:
             if record is None:  # expired since the scan
@@ -181,8 +183,8 @@ class RedisBackend:
         return tuple(sorted(workers, key=lambda worker: worker.name))
 
     async def queue_depth(self) -> tuple[int, int]:
-        """(waiting, running) over every bot's jobs, read from Redis: entries no worker has taken yet, and entries
-        workers hold (they take no more than they have free slots for, so they run them)."""
+        """(waiting, running) over every bot's jobs, read from Redis: entries no worker has taken yet, and
+        entries workers hold (they take no more than they have free slots for, so they run them)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(wire.JOBS)
             pipe.xpending(wire.JOBS, wire.GROUP)
@@ -205,7 +207,7 @@ class RedisBackend:
         except wire.BadEntry as error:
             raise BadPrompt(REFUSED.format(error)) from None
         job: RedisJob[Any] = RedisJob(self, job_id=job_id, kind=entry.kind, owner=owner, weight=weight,
-                                      origin=origin, charge=charge)  # the charge goes into the awaiting record
+                                      origin=origin, charge=charge)  # the charge goes into its record
         if self.online is False:
             job.notice = NO_WORKER
         self.jobs[job.id] = job
@@ -227,7 +229,7 @@ class RedisBackend:
             log.error("Could not queue %s job %s: %s", job.kind, job.id, error)
             self._settle(job, JobFailed(UNREACHABLE))
             return
-        if job.future.done():  # cancelled while it was being written: the withdrawal could not reach it before
+        if job.future.done():  # cancelled while it was written: the withdrawal could not reach it before
             await self._withdraw(job)
             return
         with contextlib.suppress(aioredis.RedisError, OSError):  # its place in line at once, not in a second
@@ -303,8 +305,7 @@ class RedisBackend:
         """Apply the events after `cursor` (waiting up to BLOCK_MS for some); return the new cursor. Without
         news, keep a waiting job's position current, and give up on a running job no worker has spoken of for
         longer than a job may take plus two leases."""
-        reply = await self.redis.xread({key: cursor}, count=wire.EVENTS_MAXLEN, block=wire.BLOCK_MS)
-        events = reply[0][1] if reply else []
+        events = await wire.read_stream(self.redis, key, cursor, block=wire.BLOCK_MS)
         for event_id, fields in events:
             cursor, job.heard = event_id.decode(), time.perf_counter()
             if await self._apply(job, fields):
@@ -329,8 +330,7 @@ class RedisBackend:
             pipe.xrange(wire.JOBS, entry_id, entry_id)
             groups, entry = await pipe.execute()
         if not entry:  # its worker deletes the entry in the same step as it writes the outcome: read it
-            late = await self.redis.xread({key: last_id}, count=wire.EVENTS_MAXLEN)
-            for _event_id, fields in (late[0][1] if late else []):
+            for _event_id, fields in await wire.read_stream(self.redis, key, last_id):
                 if await self._apply(job, fields):
                     return
             log.error("Job %s left the queue without an outcome", job.id)
@@ -341,7 +341,7 @@ class RedisBackend:
             position = 1  # a worker holds it and starts it with its next batch
         else:
             start = "-" if delivered == (0, 0) else "({}-{}".format(*delivered)
-            ahead = await self.redis.xrange(wire.JOBS, start, f"({entry_id}", count=1000)
+            ahead = await wire.stream_range(self.redis, wire.JOBS, start, f"({entry_id}", count=1000)
             position = len(ahead) + 1
         if position != job._position:
             job._position = position
@@ -362,9 +362,9 @@ class RedisBackend:
         elif kind == wire.PREVIEW:  # with the images drawn so far, stored under their own keys
             done, total = int(wire.field(fields, "done")), int(wire.field(fields, "total"))
             keys = [wire.preview_key(job.id, index) for index in range(int(wire.field(fields, "count")))]
-            blobs = await self.redis.mget(keys)
+            blobs = await wire.get_many(self.redis, keys)
             if all(blobs):  # else overwritten by a later preview meanwhile, or expired: the next one will do
-                images = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs])
+                images = await asyncio.to_thread(lambda: [wire.unpng(blob) for blob in blobs if blob])
                 job.progress = Progress(done, total, images)
         elif kind in wire.TERMINAL:
             await self._end(job, kind, fields)
@@ -379,8 +379,10 @@ class RedisBackend:
         outcome: Any
         if kind == wire.DONE:
             count = int(wire.field(fields, "count"))
-            blobs = await self.redis.mget([wire.result_key(job.id, index) for index in range(count)])
-            if not all(blobs):
+            keys = [wire.result_key(job.id, index) for index in range(count)]
+            found = await wire.get_many(self.redis, keys)
+            blobs = [blob for blob in found if blob]
+            if not blobs or len(blobs) < count:
                 outcome = JobFailed(EXPIRED)
             elif job.kind == "ask":
                 outcome = blobs[0].decode()
@@ -397,8 +399,8 @@ class RedisBackend:
 
     async def _claim(self, job: RedisJob[Any]) -> bool:
         """Remove the job from the awaiting hash, to be the one that delivers it (a job without an origin is
-        this process's alone). False, with the job settled as `elsewhere`, when another process of the bot (one
-        that re-attached) removed it first."""
+        this process's alone). False, with the job settled as `elsewhere`, when another process of the bot
+        (one that re-attached) removed it first."""
         if job.origin is None or job.claimed:
             return True
         job.claimed = bool(await self.redis.hdel(wire.AWAITING, job.id))
@@ -409,9 +411,10 @@ class RedisBackend:
         return job.claimed
 
     async def _give_up(self, job: RedisJob[Any], text: str, *, gone: bool = False) -> None:
-        """Fail a job this process stops waiting for, after forgetting it in Redis: its record (so no restarted
-        bot delivers or refunds it again) and keys, with the cancel flag raised for a worker that may still
-        have it (unless its entry is `gone`). Should Redis be out of reach, that is retried until it is back."""
+        """Fail a job this process stops waiting for, after forgetting it in Redis: its record (so no
+        restarted bot delivers or refunds it again) and keys, with the cancel flag raised for a worker that
+        may still have it (unless its entry is `gone`). Should Redis be out of reach, that is retried until it
+        is back."""
         try:
             if not await self._claim(job):
                 return
@@ -457,8 +460,8 @@ class RedisBackend:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="watch-workers")
 
     async def _watch(self) -> None:
-        """While jobs wait, look for a live GPU worker about three times a lease; while there is none, they say
-        so."""
+        """While jobs wait, look for a live GPU worker about three times a lease; while there is none, they
+        say so."""
         period = min(self.settings.worker_lease_seconds / 3, wire.BLOCK_MS / 1000)
         while any(job.started_at is None and not job.done() for job in self.jobs.values()):
             try:
@@ -489,12 +492,12 @@ class RedisBackend:
 
     async def reattach(self, kind: JobKind, deliver: Deliver) -> int:
         """Follow again the jobs of `kind` an earlier run of the bot was awaiting. `deliver(job, request,
-        origin)` is called at once for each, to show the job's progress and then deliver it; the origin has the
-        interaction's token while it lives (and a question's message id), and `job.charge` is the request's
-        charge. A job another process claimed first ends with JobCancelled and `job.elsewhere` set: it is not
-        this one's to deliver. An unreadable record is dropped. Returns how many were picked up."""
-        awaiting = await self.redis.hgetall(wire.AWAITING)
-        entries = await self.redis.xrange(wire.JOBS)  # short: an entry is deleted as its job ends
+        origin)` is called at once for each, to show the job's progress and then deliver it; the origin has
+        the interaction's token while it lives (and a question's message id), and `job.charge` is the
+        request's charge. A job another process claimed first ends with JobCancelled and `job.elsewhere` set:
+        it is not this one's to deliver. An unreadable record is dropped. Returns how many were picked up."""
+        awaiting = cast(dict[bytes, bytes], await self.redis.hgetall(wire.AWAITING))
+        entries = await wire.stream_range(self.redis, wire.JOBS)  # short: an entry is deleted as its job ends
         queued = {fields.get(b"job", b""): entry_id.decode() for entry_id, fields in entries}
         picked = 0
         for raw_id, raw_record in awaiting.items():
@@ -510,7 +513,7 @@ class RedisBackend:
                 log.error("Dropping the unreadable record of job %s: %s", job_id, str(error).splitlines()[0])
                 await self.redis.hdel(wire.AWAITING, raw_id)
                 continue
-            raw_reply = await self.redis.get(wire.reply_key(job_id))  # gone once the token is
+            raw_reply = await wire.get_one(self.redis, wire.reply_key(job_id))  # gone once the token is
             reply = wire.Reply.model_validate_json(raw_reply) if raw_reply else None
             job: RedisJob[Any] = RedisJob(
                 self, job_id=job_id, kind=kind, owner=record.owner,

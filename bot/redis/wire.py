@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import redis.asyncio as aioredis
 from PIL import Image, PngImagePlugin
@@ -139,6 +139,33 @@ async def ensure_group(redis: aioredis.Redis) -> None:
             raise
 
 
+# ---- typed reads (redis-py types its replies loosely; this client never decodes, so they are bytes) -------
+
+Fields = dict[bytes, bytes]
+StreamEntries = list[tuple[bytes, Fields]]
+
+
+async def read_stream(redis: aioredis.Redis, key: str, after: str, *,
+                      block: int | None = None) -> StreamEntries:
+    """The entries of one stream after id `after` (up to EVENTS_MAXLEN), waiting up to `block` ms for some."""
+    reply = cast("list[tuple[bytes, StreamEntries]]", await redis.xread({key: after}, count=EVENTS_MAXLEN,
+                                                                         block=block))
+    return reply[0][1] if reply else []
+
+
+async def stream_range(redis: aioredis.Redis, key: str, start: str = "-", end: str = "+",
+                       count: int | None = None) -> StreamEntries:
+    return cast(StreamEntries, await redis.xrange(key, start, end, count=count))
+
+
+async def get_many(redis: aioredis.Redis, keys: Sequence[str]) -> list[bytes | None]:
+    return cast("list[bytes | None]", await redis.mget(keys)) if keys else []
+
+
+async def get_one(redis: aioredis.Redis, key: str) -> bytes | None:
+    return cast("bytes | None", await redis.get(key))
+
+
 def field(fields: dict[bytes, bytes], name: str, default: str = "") -> str:
     """An event's field as text (events are written by workers, whose entries this schema checked)."""
     value = fields.get(name.encode())
@@ -157,6 +184,7 @@ class _Strict(BaseModel):
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 ImageRef = Annotated[int, Field(ge=0, lt=MAX_IMAGES)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ImageToken = Annotated[int, Field(ge=0, lt=IMAGE_TOKENS)]
 
 
 class ImagineData(_Strict):
@@ -165,11 +193,11 @@ class ImagineData(_Strict):
     guidance: Annotated[float, Field(ge=0.0, le=20.0)]
     temperature: Annotated[float, Field(ge=0.0, le=2.0)]
     seed: Seed
-    keep: Annotated[list[Annotated[int, Field(ge=0, lt=IMAGE_TOKENS)]], Field(max_length=MAX_KEEP)] = []
+    keep: Annotated[list[ImageToken], Field(max_length=MAX_KEEP)] = []
 
 
 class UpscaleData(_Strict):
-    tokens: Annotated[list[Annotated[int, Field(ge=0, lt=IMAGE_TOKENS)]], Field(min_length=1, max_length=MAX_KEEP)]
+    tokens: Annotated[list[ImageToken], Field(min_length=1, max_length=MAX_KEEP)]
 
 
 class TurnData(_Strict):
@@ -200,6 +228,9 @@ class AskData(_Strict):
         return len(self.images) + sum(len(turn.images) for turn in self.history)
 
 
+RequestData = AskData | ImagineData | UpscaleData
+
+
 class Entry(BaseModel):
     """A job stream entry, as written by the bot (Redis gives every field back as text)."""
 
@@ -210,7 +241,7 @@ class Entry(BaseModel):
     weight: Annotated[int, Field(ge=1, le=MAX_COUNT)]
     request: Annotated[str, Field(max_length=MAX_REQUEST_CHARS)]
 
-    def data(self) -> AskData | ImagineData | UpscaleData:
+    def data(self) -> RequestData:
         """The request, checked against the schema of its kind (raises BadEntry)."""
         data = request_data(self.kind, self.request)
         weight = data.count if isinstance(data, ImagineData) else 1
@@ -248,7 +279,7 @@ class Awaiting(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["ask", "imagine"]
+    kind: Literal["ask", "imagine", "upscale"]
     owner: int
     guild: int
     channel: int
@@ -268,7 +299,7 @@ class Reply(BaseModel):
     created: float = 0.0  # when the interaction was made (POSIX seconds)
 
 
-def request_data(kind: str, text: str) -> AskData | ImagineData | UpscaleData:
+def request_data(kind: str, text: str) -> RequestData:
     """A request's JSON, checked against the schema of its kind (raises BadEntry)."""
     model = {"ask": AskData, "imagine": ImagineData}.get(kind, UpscaleData)
     try:
@@ -313,7 +344,7 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
     entry and stored under their own keys. Raises BadEntry for a request a worker would refuse."""
     try:
         if isinstance(request, ImagineRequest):
-            data: AskData | ImagineData | UpscaleData = ImagineData(
+            data: RequestData = ImagineData(
                 prompt=request.prompt, count=request.count, guidance=float(request.guidance),
                 temperature=float(request.temperature), seed=request.seed, keep=list(request.keep))
             return Entry(job=job_id, kind="imagine", weight=request.count, request=data.model_dump_json()), []
@@ -336,7 +367,7 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
         raise BadEntry(_first_error(error)) from None
 
 
-def decode_request(data: AskData | ImagineData | UpscaleData, images: Sequence[Image.Image | None]) -> Request:
+def decode_request(data: RequestData, images: Sequence[Image.Image | None]) -> Request:
     """The request a checked entry holds, given its images in order (None for one that is gone: left out)."""
     if isinstance(data, ImagineData):
         return ImagineRequest(prompt=data.prompt, count=data.count, guidance=data.guidance,

@@ -1,25 +1,24 @@
 """`python -m bot worker`: a GPU worker for EXECUTOR=redis.
 
-It loads the studio and takes from the job stream only as many jobs as it has free slots (WORKER_SLOTS images).
-It runs them exactly as local mode does: through a `LocalBackend` on its own GpuExecutor, so requests taken
-together are batched by the same code as in the bot (questions too). It publishes each job's start, progress,
-previews and outcome to the job's event stream, and every lease/3 seconds its own figures (bot/redis/wire.py
-has the layout).
+It loads the studio and takes from the job stream only as many jobs as it has free slots (WORKER_SLOTS
+images). It runs them exactly as local mode does: through a `LocalBackend` on its own GpuExecutor, so requests
+taken together are batched by the same code as in the bot (questions too). It publishes each job's start,
+progress, previews and outcome to the job's event stream, and every lease/3 seconds its own figures
+(bot/redis/wire.py has the layout).
 
 Leases. A job's entry stays in the consumer group's pending list, owned by its worker, until the job ends; the
 entry's idle time is the lease. Every lease/3 seconds the worker re-claims its own entries (XCLAIM ... JUSTID:
 the idle time drops to 0 and the delivery count is left alone) through a script that skips any entry another
 worker owns by now, so a worker that was cut off never takes a job back: it learns it lost the job and drops
 it. It does so only while its GPU thread makes progress: one that has reported nothing for a lease period is
-stuck, so the worker stops renewing (its jobs go to other workers) and exits with EXIT_STUCK.
-Entries idle longer than the lease belong to a dead worker: any worker takes them over with XAUTOCLAIM, which
-counts a delivery, and one delivered more than MAX_DELIVERIES times goes to the dead-letter stream. A worker
-that stops gracefully (SIGTERM) hands its jobs back instead: it makes their entries idle at once and takes
-back the delivery it was counted, so a stop is never blamed on a job. (A lease key per job would be a second
-record of ownership, and a worker could only look at it after XAUTOCLAIM had already moved the entry and counted
-a delivery.) A worker finishes a job, acknowledging and deleting its entry, through a script that first checks
-it still owns the entry. An entry no worker can read is set aside in the dead-letter stream at once.
-"""
+stuck, so the worker stops renewing (its jobs go to other workers) and exits with EXIT_STUCK. Entries idle
+longer than the lease belong to a dead worker: any worker takes them over with XAUTOCLAIM, which counts a
+delivery, and one delivered more than MAX_DELIVERIES times goes to the dead-letter stream. A worker that stops
+gracefully (SIGTERM) hands its jobs back instead: it makes their entries idle at once and takes back the
+delivery it was counted, so a stop is never blamed on a job. (A lease key per job would be a second record of
+ownership, and a worker could only look at it after XAUTOCLAIM had already moved the entry and counted a
+delivery.) A worker finishes a job, acknowledging and deleting its entry, through a script that first checks
+it still owns the entry. An entry no worker can read is set aside in the dead-letter stream at once."""
 
 from __future__ import annotations
 
@@ -32,13 +31,13 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from PIL import Image
 
 from bot.backends import LocalBackend
-from bot.errors import JobCancelled, StartupError, UserFacingError
+from bot.errors import JobCancelled, QueueFull, StartupError, UserFacingError
 from bot.executor import GpuExecutor
 from bot.jobs import Job, Progress
 from bot.redis import wire
@@ -56,10 +55,10 @@ SET_ASIDE = (f"Sorry, this request stopped the GPU worker that took it {wire.MAX
              "was set aside. Please try a different prompt or settings.")
 UNREADABLE = "Sorry, the GPU worker could not read this request, so it was set aside. Please ask again."
 INPUT_EXPIRED = "Sorry, this request's images expired before a GPU worker got to it. Please ask again."
-JOB_KINDS = ("ask", "imagine", "upscale")  # the kinds of job a worker's figures count (not its model's loading)
+JOB_KINDS = ("ask", "imagine", "upscale")  # the jobs a worker's figures count (not its model's loading)
 
-# KEYS: the job stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries the consumer still
-# owns and returns their ids.
+# KEYS: the job stream. ARGV: group, consumer, entry ids. Resets the idle time of the entries the consumer
+# still owns and returns their ids.
 HEARTBEAT = """
 local owned = {}
 for i = 3, #ARGV do
@@ -72,16 +71,17 @@ end
 return owned
 """
 
-# KEYS: the job stream. ARGV: group, consumer, idle ms, entry ids. Of the entries the consumer still owns, makes
-# each idle for `idle ms` (so any worker takes it over at once) with one delivery less (the takeover counts it
-# again); returns how many.
+# KEYS: the job stream. ARGV: group, consumer, idle ms, entry ids. Of the entries the consumer still owns,
+# makes each idle for `idle ms` (so any worker takes it over at once) with one delivery less (the takeover
+# counts it again); returns how many.
 HAND_BACK = """
 local handed = 0
 for i = 4, #ARGV do
   local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
   if entry and entry[2] == ARGV[2] then
     local count = math.max(tonumber(entry[4]) - 1, 0)
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+               'IDLE', ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
     handed = handed + 1
   end
 end
@@ -90,8 +90,8 @@ return handed
 
 # KEYS: the job stream, the job's event stream, the result keys, then keys to delete. ARGV: group, consumer,
 # entry id, ttl, events maxlen, how many results, how many keys to delete, the result values, then the event's
-# field/value pairs (none: no event). If the consumer still owns the entry: store the results, delete the keys,
-# append the event, acknowledge and delete the entry; returns 1, else 0.
+# field/value pairs (none: no event). If the consumer still owns the entry: store the results, delete the
+# keys, append the event, acknowledge and delete the entry; returns 1, else 0.
 FINISH = """
 local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
 if not entry or entry[2] ~= ARGV[2] then return 0 end
@@ -152,6 +152,7 @@ class Worker:
         self._claim_cursor = "0-0"
         self._relays: set[asyncio.Task[None]] = set()
         self._seen_running: dict[int, tuple[Progress | None, float]] = {}  # id(job) -> (progress, since)
+        backend.executor.on_stuck = self._gpu_given_up
         self._heartbeat_script = redis.register_script(HEARTBEAT)
         self._hand_back_script = redis.register_script(HAND_BACK)
         self._finish_script = redis.register_script(FINISH)
@@ -162,8 +163,8 @@ class Worker:
         return self.slots - sum(held.weight for held in self.held.values())
 
     async def serve(self, stop: asyncio.Event, grace: float = SHUTDOWN_GRACE_SECONDS) -> int:
-        """Take and run jobs until `stop` is set (or the GPU thread is stuck); then give the running jobs `grace`
-        seconds to finish and hand the rest back. Returns the exit status: 0, or EXIT_STUCK."""
+        """Take and run jobs until `stop` is set (or the GPU thread is stuck); then give the running jobs
+        `grace` seconds to finish and hand the rest back. Returns the exit status: 0, or EXIT_STUCK."""
         self._stop = stop
         await wire.ensure_group(self.redis)
         await self._publish_figures()
@@ -230,9 +231,9 @@ class Worker:
     # ---- taking jobs ---------------------------------------------------------------------------------------
 
     async def _take(self, taken: list[Held]) -> None:
-        """Add jobs for the free slots to `taken`: first those whose worker died (lease expired), then new ones.
-        Reads one entry at a time, so a worker never holds more than its slots (though the last job taken may
-        not fit in full: it then waits in the local queue for the current batch)."""
+        """Add jobs for the free slots to `taken`: first those whose worker died (lease expired), then new
+        ones. Reads one entry at a time, so a worker never holds more than its slots (though the last job
+        taken may not fit in full: it then waits in the local queue for the current batch)."""
         while self.free > 0 and not self._stop.is_set():
             entry = await self._take_over_one() or await self._read_one(block=not taken)
             if entry is None:
@@ -243,8 +244,9 @@ class Worker:
 
     async def _take_over_one(self) -> tuple[str, dict[bytes, bytes], int, bool] | None:
         """One entry idle longer than the lease (its worker stopped), with how often it has been delivered."""
-        next_cursor, claimed, *_deleted = await self.redis.xautoclaim(
+        reply = await self.redis.xautoclaim(
             wire.JOBS, wire.GROUP, self.name, int(self.lease * 1000), start_id=self._claim_cursor, count=1)
+        next_cursor, claimed = cast(tuple[bytes, wire.StreamEntries], tuple(reply[:2]))
         self._claim_cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
         for raw_id, fields in claimed:
             entry_id = raw_id.decode()
@@ -261,15 +263,15 @@ class Worker:
         """One new entry; waits up to BLOCK_MS for it when `block` (less than the socket timeout)."""
         reply = await self.redis.xreadgroup(wire.GROUP, self.name, {wire.JOBS: ">"}, count=1,
                                             block=wire.BLOCK_MS if block else None)
-        for _stream, entries in reply or []:
+        for _stream, entries in cast("list[tuple[bytes, wire.StreamEntries]]", reply or []):
             for raw_id, fields in entries:
                 return raw_id.decode(), fields, 1, False
         return None
 
     async def _admit(self, entry_id: str, fields: dict[bytes, bytes], attempt: int,
                      taken_over: bool) -> Held | None:
-        """Hold an entry to run it; or set it aside (it keeps killing workers, or cannot be read), skip it when
-        withdrawn, or fail it when its images expired."""
+        """Hold an entry to run it; or set it aside (it keeps killing workers, or cannot be read), skip it
+        when withdrawn, or fail it when its images expired."""
         if entry_id in self.held:  # its own, idle too long while Redis was out of reach: still running here
             return None
         if attempt > wire.MAX_DELIVERIES:
@@ -287,8 +289,9 @@ class Worker:
             log.info("Job %s was withdrawn before it started", entry.job)
             await self._withdrawn(entry_id, entry.job, inputs=inputs, images=entry.weight)
             return None
-        blobs = await self.redis.mget([wire.input_key(entry.job, i) for i in range(inputs)]) if inputs else []
-        if not all(blobs):
+        found = await wire.get_many(self.redis, [wire.input_key(entry.job, i) for i in range(inputs)])
+        blobs = [blob for blob in found if blob]
+        if len(blobs) < inputs:
             await self._finish(entry_id, entry.job, wire.FAILED, inputs=inputs, images=entry.weight,
                                text=INPUT_EXPIRED)
             return None
@@ -305,15 +308,16 @@ class Worker:
 
     async def _had_started(self, job_id: str) -> bool:
         """Whether a worker before this one published the job's start."""
-        events = await self.redis.xrange(wire.events_key(job_id), count=wire.EVENTS_MAXLEN)
+        events = await wire.stream_range(self.redis, wire.events_key(job_id), count=wire.EVENTS_MAXLEN)
         return any(fields.get(b"type") == wire.STARTED.encode() for _id, fields in events)
 
     async def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], reason: str, told: str,
                          deliveries: int = 1) -> None:
-        """Move an entry to the dead-letter stream with the reason, and tell its requester (if it has a readable
-        job id)."""
+        """Move an entry to the dead-letter stream with the reason, and tell its requester (if it has a
+        readable job id)."""
         job_id = wire.entry_job_id(fields)
-        log.error("Setting entry %s (job %s) aside in %s: %s", entry_id, job_id or "unknown", wire.DEAD, reason)
+        log.error("Setting entry %s (job %s) aside in %s: %s", entry_id, job_id or "unknown", wire.DEAD,
+                  reason)
         record = {**fields, b"entry": entry_id, b"reason": reason, b"deliveries": deliveries,
                   b"worker": self.name}
         await self.redis.xadd(wire.DEAD, record, maxlen=wire.DEAD_MAXLEN)  # type: ignore[arg-type]
@@ -325,23 +329,36 @@ class Worker:
 
     # ---- running jobs --------------------------------------------------------------------------------------
 
+    def _gpu_given_up(self) -> None:
+        """The executor gave up on its GPU thread (a timed-out job never gave it back): stop, as a stall
+        does."""
+        log.critical("The GPU thread is stuck on a timed-out job; letting go of its jobs and exiting with "
+                     "status %d", EXIT_STUCK)
+        self.stuck = True
+        self._stop.set()
+
     def _start(self, taken: list[Held]) -> None:
         """Queue the jobs taken in one go without yielding in between, so the executor batches them as it does
-        in the bot."""
+        in the bot. Should the executor refuse them (its GPU thread is stuck), they stay held, not started,
+        and are handed back as the worker stops."""
         for held in taken:
-            if isinstance(held.request, ImagineRequest):
-                held.job = self.backend.imagine(held.request, owner=0)
-            elif isinstance(held.request, UpscaleRequest):
-                held.job = self.backend.upscale(held.request, owner=0)
-            else:
-                held.job = self.backend.ask(held.request, owner=0)
+            try:
+                if isinstance(held.request, ImagineRequest):
+                    held.job = self.backend.imagine(held.request, owner=0)
+                elif isinstance(held.request, UpscaleRequest):
+                    held.job = self.backend.upscale(held.request, owner=0)
+                else:
+                    held.job = self.backend.ask(held.request, owner=0)
+            except QueueFull:
+                self._stop.set()
+                return
             task = asyncio.create_task(self._relay(held), name=f"relay-{held.job_id}")
             self._relays.add(task)
             task.add_done_callback(self._relays.discard)
 
     async def _relay(self, held: Held) -> None:
-        """Report on one job until it ends, then free its slot. Should Redis fail meanwhile, the job is dropped
-        here: its lease runs out and a worker (maybe this one) takes it over."""
+        """Report on one job until it ends, then free its slot. Should Redis fail meanwhile, the job is
+        dropped here: its lease runs out and a worker (maybe this one) takes it over."""
         assert held.job is not None
         try:
             await self._run(held, held.job)
@@ -426,7 +443,8 @@ class Worker:
             pipe.expire(key, self.ttl)
             await pipe.execute()
 
-    async def _finish_held(self, held: Held, kind: str, *, results: Sequence[bytes] = (), **fields: Any) -> bool:
+    async def _finish_held(self, held: Held, kind: str, *, results: Sequence[bytes] = (),
+                           **fields: Any) -> bool:
         return await self._finish(held.entry_id, held.job_id, kind, results=results, inputs=held.inputs,
                                   images=held.images, **fields)
 
@@ -438,8 +456,10 @@ class Worker:
         result_keys = [wire.result_key(job_id, index) for index in range(len(results))]
         spent = [*(wire.input_key(job_id, index) for index in range(inputs)),
                  *(wire.preview_key(job_id, index) for index in range(images))]
-        event = [item for name, value in {"type": kind, **fields}.items() for item in (name, value)] if kind else []
-        return await self._let_go(entry_id, job_id, result_keys, results, spent, event, f"Job {job_id}: {kind}")
+        pairs = {"type": kind, **fields}.items() if kind else ()
+        event = [item for name, value in pairs for item in (name, value)]
+        return await self._let_go(entry_id, job_id, result_keys, results, spent, event,
+                                  f"Job {job_id}: {kind}")
 
     async def _withdrawn(self, entry_id: str, job_id: str, *, inputs: int, images: int) -> None:
         """Let go of a withdrawn job, deleting all of its keys: nobody waits for its outcome any more."""
@@ -461,13 +481,13 @@ class Worker:
     # ---- leases and figures --------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        """Every lease/3 seconds, while the GPU thread makes progress: renew the lease on each entry held (drop
-        the ones another worker took over) and publish this worker's figures. Once it stalls, stop."""
+        """Every lease/3 seconds, while the GPU thread makes progress: renew the lease on each entry held
+        (drop the ones another worker took over) and publish this worker's figures. Once it stalls, stop."""
         while True:
             await asyncio.sleep(self.lease / 3)
             if (stalled := self._stalled_for()) > self.lease:
-                log.critical("The GPU thread has reported no progress for %.0fs; letting go of its jobs (other "
-                             "workers take them over) and exiting with status %d", stalled, EXIT_STUCK)
+                log.critical("The GPU thread has reported no progress for %.0fs; letting go of its jobs "
+                             "(other workers take them over) and exiting with status %d", stalled, EXIT_STUCK)
                 self.stuck = True
                 self._stop.set()
                 return
@@ -514,7 +534,8 @@ class Worker:
         await self.redis.set(wire.worker_key(self.name), figures.model_dump_json(), px=int(self.lease * 1000))
 
     async def _leave(self) -> None:
-        """Remove this worker's name from the group, unless it still owns entries (removing would lose them)."""
+        """Remove this worker's name from the group, unless it still owns entries (removing would lose
+        them)."""
         summary = await self.redis.xpending_range(wire.JOBS, wire.GROUP, "-", "+", 1, consumername=self.name)
         if not summary:
             await self.redis.xgroup_delconsumer(wire.JOBS, wire.GROUP, self.name)
@@ -557,7 +578,9 @@ async def run_worker(settings: Settings, *, load_studio: Callable[[Settings], An
         except (aioredis.RedisError, OSError) as error:
             raise StartupError(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
         slots = settings.worker_slots or settings.max_batch_images
-        executor = GpuExecutor(slots, max_batch=settings.max_batch_images, job_timeout=settings.job_timeout_seconds,
+        executor = GpuExecutor(slots, max_batch=settings.max_batch_images,
+                               job_timeout=settings.job_timeout_seconds,
+                               stuck_grace=settings.gpu_stuck_seconds,
                                notify_interval=settings.status_update_seconds)
         executor.start()
         started, status = time.perf_counter(), 1
