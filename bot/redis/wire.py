@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bot.images import MAX_SIDE, shrink
 from bot.jobs import Charge
 from bot.limits import ALLOWED
 from bot.requests import AskRequest, Drawing, ImagineRequest, Turn, UpscaleRequest
@@ -55,8 +56,8 @@ BLOCK_MS = 1000
 SOCKET_TIMEOUT = 10.0
 
 # What a request may hold. The model reads an image at 384 px; a question's images are stored at most twice
-# that (as the bot reduces them on arrival), which also bounds what one job keeps in Redis.
-MAX_INPUT_SIDE = 768
+# that, reduced as the bot reduces them on arrival (bot.images.shrink), which bounds what a job keeps in Redis.
+MAX_INPUT_SIDE = MAX_SIDE
 MAX_INPUT_BYTES = 3 * 2**20  # one input PNG (768 x 768 RGB is 1.7 MB raw)
 MAX_JOB_INPUT_BYTES = 16 * 2**20  # all of one question's images
 MAX_IMAGES = 8  # a question's images, its history's included
@@ -402,12 +403,7 @@ def unpng(data: bytes) -> Image.Image:
 def encode_inputs(images: Sequence[Image.Image]) -> list[bytes]:
     """A question's images as stored for the workers: reduced to MAX_INPUT_SIDE (aspect kept), as PNG. Raises
     BadEntry when together they are over MAX_JOB_INPUT_BYTES."""
-    blobs = []
-    for image in images:
-        if max(image.size) > MAX_INPUT_SIDE:
-            image = image.copy()
-            image.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
-        blobs.append(png(image))
+    blobs = [png(shrink(image, MAX_INPUT_SIDE)) for image in images]
     if sum(map(len, blobs)) > MAX_JOB_INPUT_BYTES or any(len(blob) > MAX_INPUT_BYTES for blob in blobs):
         raise BadEntry("the images are too large to send to a GPU worker")
     return blobs
