@@ -237,6 +237,7 @@ async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart
     withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7,
                                 origin=Origin(1, 2, 3, "token"))
     behind = backend.imagine(ImagineRequest("after it", count=1), owner=8)
+    # In the order they were submitted, though only the first has a record and a token to write:
     await until(lambda: withdrawn.position == 1 and behind.position == 2, 10, "queue positions from Redis")
 
     assert withdrawn.cancel()

@@ -104,6 +104,7 @@ class RedisBackend:
         self.accepting = True  # False once the bot is shutting down: new requests are refused
         self.online: bool | None = None  # whether a GPU worker was seen within a lease; None: not looked yet
         self._watcher: asyncio.Task[None] | None = None
+        self._last_queued: asyncio.Future[None] | None = None  # done once the last job submitted is queued
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -212,34 +213,54 @@ class RedisBackend:
             job.notice = NO_WORKER
         self.jobs[job.id] = job
         self._watch_workers()
-        self._spawn(self._queue_and_follow(job, entry, images), f"job-{job.id}")
+        turn, self._last_queued = self._last_queued, asyncio.get_running_loop().create_future()
+        self._spawn(self._queue_and_follow(job, entry, images, turn, self._last_queued), f"job-{job.id}")
         return job
 
-    async def _queue_and_follow(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any]) -> None:
+    async def _queue_and_follow(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any],
+                                after: asyncio.Future[None] | None, queued: asyncio.Future[None]) -> None:
+        """Queue the job once the job submitted before it is queued (the queue keeps submission order), then
+        follow it."""
         try:
-            await self._queue(job, entry, images)
-        except wire.BadEntry:
-            self._settle(job, JobFailed(TOO_LARGE))
-            return
-        except OutOfMemoryError:  # its maxmemory with the noeviction policy (docker-compose.yml)
-            log.error("Redis refused job %s: it is out of memory (maxmemory)", job.id)
-            self._settle(job, JobFailed(FULL))
-            return
-        except (aioredis.RedisError, OSError) as error:
-            log.error("Could not queue %s job %s: %s", job.kind, job.id, error)
-            self._settle(job, JobFailed(UNREACHABLE))
-            return
-        if job.future.done():  # cancelled while it was written: the withdrawal could not reach it before
-            await self._withdraw(job)
+            failure = await self._queue_in_turn(job, entry, images, after)
+        finally:
+            if not queued.done():
+                queued.set_result(None)
+        if failure is not None or job.future.done():
+            self.jobs.pop(job.id, None)
+            if failure is not None:
+                self._settle(job, failure)
+            elif job.entry_id is not None:  # cancelled while written: the withdrawal could not reach it
+                await self._withdraw(job)
             return
         with contextlib.suppress(aioredis.RedisError, OSError):  # its place in line at once, not in a second
             await self._check_queue(job, wire.events_key(job.id), "0-0")
         await self._follow(job)
 
-    async def _queue(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any]) -> None:
+    async def _queue_in_turn(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any],
+                             after: asyncio.Future[None] | None) -> JobFailed | None:
+        """Encode the job's images (alongside the jobs before it), wait for the one before it to be queued,
+        and queue it; the failure to tell its requester, if it could not be."""
+        try:
+            try:
+                blobs = await asyncio.to_thread(wire.encode_inputs, images)
+            finally:
+                if after is not None:
+                    await asyncio.wait([after])
+            await self._queue(job, entry, blobs)
+        except wire.BadEntry:
+            return JobFailed(TOO_LARGE)
+        except OutOfMemoryError:  # its maxmemory with the noeviction policy (docker-compose.yml)
+            log.error("Redis refused job %s: it is out of memory (maxmemory)", job.id)
+            return JobFailed(FULL)
+        except (aioredis.RedisError, OSError) as error:
+            log.error("Could not queue %s job %s: %s", job.kind, job.id, error)
+            return JobFailed(UNREACHABLE)
+        return None
+
+    async def _queue(self, job: RedisJob[Any], entry: wire.Entry, blobs: list[bytes]) -> None:
         """Write the request's images (reduced), the awaiting record (with an origin) and the entry, in one
         transaction."""
-        blobs = await asyncio.to_thread(wire.encode_inputs, images)
         job.inputs = len(blobs)
         if job.future.done():
             return

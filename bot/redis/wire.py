@@ -56,7 +56,7 @@ BLOCK_MS = 1000
 SOCKET_TIMEOUT = 10.0
 
 # What a request may hold. The model reads an image at 384 px; a question's images are stored at most twice
-# that, reduced as the bot reduces them on arrival (bot.images.shrink), which bounds what a job keeps in Redis.
+# that, reduced as the bot reduces them on arrival (bot.images.shrink): that bounds what a job keeps in Redis.
 MAX_INPUT_SIDE = MAX_SIDE
 MAX_INPUT_BYTES = 3 * 2**20  # one input PNG (768 x 768 RGB is 1.7 MB raw)
 MAX_JOB_INPUT_BYTES = 16 * 2**20  # all of one question's images
