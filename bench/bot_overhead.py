@@ -34,8 +34,10 @@ async def measure(size: str, requests: int, count: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         model, processor = build_random_janus(SHAPES[size])
-        studio = Studio(JanusEngine(model, processor, preview_seconds=3.0),
-                        Upscaler.load(build_tiny_esrgan(root / "x2.pth")))
+        studio = Studio(
+            JanusEngine(model, processor, preview_seconds=3.0),
+            Upscaler.load(build_tiny_esrgan(root / "x2.pth")),
+        )
         settings = Settings(_env_file=None, discord_token="bench", data_dir=root, generations_per_user=1000)
         store = await UsageStore.connect(settings.database_path)
         executor = GpuExecutor(settings.queue_size, notify_interval=settings.status_update_seconds)
@@ -57,20 +59,27 @@ async def measure(size: str, requests: int, count: int) -> None:
             totals = []
             for index in range(requests):
                 started = time.perf_counter()
-                result = await member.slash(channel, "imagine", prompt=f"a red fox #{index}", count=count, seed=index)
+                result = await member.slash(
+                    channel, "imagine", prompt=f"a red fox #{index}", count=count, seed=index
+                )
                 totals.append(time.perf_counter() - started)
                 assert len(result.response.attachments) == count
         await executor.close()
         await store.close()
     engine = [job.finished_at - job.started_at for job in jobs[1:]]
     overhead = [total - busy for total, busy in zip(totals, engine, strict=True)]
-    print(f"{size}: {requests} x /imagine of {count} image(s): request {statistics.median(totals):.3f} s, "
-          f"GPU thread {statistics.median(engine):.3f} s, bot overhead {statistics.median(overhead):.3f} s = "
-          f"{100 * statistics.median(o / t for o, t in zip(overhead, totals, strict=True)):.1f}% (target <= 10%)")
+    share = statistics.median(o / t for o, t in zip(overhead, totals, strict=True))
+    print(
+        f"{size}: {requests} x /imagine of {count} image(s): request {statistics.median(totals):.3f} s, "
+        f"GPU thread {statistics.median(engine):.3f} s, bot overhead {statistics.median(overhead):.3f} s = "
+        f"{100 * share:.1f}% (target <= 10%)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="mid", choices=sorted(SHAPES))
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--count", type=int, default=4)

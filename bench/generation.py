@@ -1,7 +1,8 @@
 """Image generation speed, measured side by side in one run (this machine is noisy: compare the ratios).
 
     python -m bench.generation                      # tiny and mid-size random models on the CPU
-    python -m bench.generation --sizes 1b 7b --device cuda --dtype bfloat16   # real architectures, random weights
+    python -m bench.generation --sizes 1b 7b --device cuda --dtype bfloat16   # real architectures, random
+    weights
 
 Prints, for each model size: per-step time and images/s of (1) a loop written like DeepSeek's demo,
 (2) transformers' generate(generation_mode="image"), (3) ours (static cache / compiled where asked);
@@ -55,15 +56,18 @@ def demo_loop(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.
     """Image generation written like DeepSeek's demo: interleaved cond/uncond rows, a growing dynamic cache,
     softmax + multinomial each step, then one VQ decode."""
     model, tokenizer = engine.model, engine.tokenizer
-    ids = engine.processor(text=[engine.prompt_text(prompt)], generation_mode="image",
-                           return_tensors="pt")["input_ids"][0].to(engine.device)
+    ids = engine.processor(text=[engine.prompt_text(prompt)], generation_mode="image", return_tensors="pt")[
+        "input_ids"
+    ][0].to(engine.device)
     tokens = ids.repeat(2 * count, 1)
     tokens[1::2, 1:-1] = tokenizer.pad_token_id  # odd rows: unconditional
     embeds = model.get_input_embeddings()(tokens)
     cache = DynamicCache(config=model.config.text_config)
     out = torch.zeros((count, engine.num_image_tokens), dtype=torch.long, device=engine.device)
     for step in range(engine.num_image_tokens):
-        hidden = model.model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, cache=cache, use_cache=True
+        ).last_hidden_state
         logits = model.model.generation_head(hidden[:, -1, :])
         logits = logits[1::2] + guidance * (logits[0::2] - logits[1::2])
         chosen = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(-1)
@@ -75,10 +79,18 @@ def demo_loop(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.
 
 @torch.inference_mode()
 def hf_generate(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.0) -> torch.Tensor:
-    inputs = engine.processor(text=[engine.prompt_text(prompt)], generation_mode="image",
-                              return_tensors="pt").to(engine.device)
-    tokens = engine.model.generate(**inputs, generation_mode="image", do_sample=True, top_k=0, temperature=1.0,
-                                   guidance_scale=guidance, num_return_sequences=count)
+    inputs = engine.processor(
+        text=[engine.prompt_text(prompt)], generation_mode="image", return_tensors="pt"
+    ).to(engine.device)
+    tokens = engine.model.generate(
+        **inputs,
+        generation_mode="image",
+        do_sample=True,
+        top_k=0,
+        temperature=1.0,
+        guidance_scale=guidance,
+        num_return_sequences=count,
+    )
     engine.model.decode_image_tokens(tokens)
     return tokens
 
@@ -101,8 +113,12 @@ async def concurrent(engine: JanusEngine, requests: int, batching: bool) -> tupl
     """(images/s, p50 latency s) for `requests` one-image requests arriving together."""
     async with GpuExecutor(64, max_batch=16 if batching else 1) as executor:
         started = time.perf_counter()
-        jobs = [executor.submit_batched(engine.imagine_batch, ImagineRequest(f"{PROMPT} #{i}", count=1, seed=i),
-                                        weight=1) for i in range(requests)]
+        jobs = [
+            executor.submit_batched(
+                engine.imagine_batch, ImagineRequest(f"{PROMPT} #{i}", count=1, seed=i), weight=1
+            )
+            for i in range(requests)
+        ]
         latencies = []
         for job in jobs:
             await job
@@ -118,16 +134,24 @@ def bench_size(name: str, args: argparse.Namespace) -> list[str]:
     model, processor = build_random_janus(shape, device=args.device, dtype=dtype)
     engine = JanusEngine(model, processor, compile=args.compile, static_cache=args.static)
     params = sum(p.numel() for p in model.model.language_model.parameters()) / 1e6
-    print(f"\n## {name}: language model {params:.0f} M params, {engine.num_image_tokens} image tokens, "
-          f"{engine.image_size} px, {args.device} {args.dtype} (built in {time.perf_counter() - started:.1f}s)")
-    lines = [f"### {name} ({params:.0f} M-param LM, {engine.num_image_tokens} tokens/image, {args.device}, "
-             f"{args.dtype}{', compiled' if args.compile else ''})", "",
-             f"| loop ({args.count} images, guidance 5) | per step | images/s | time / ours |", "|---|---|---|---|"]
+    print(
+        f"\n## {name}: language model {params:.0f} M params, {engine.num_image_tokens} image tokens, "
+        f"{engine.image_size} px, {args.device} {args.dtype} (built in {time.perf_counter() - started:.1f}s)"
+    )
+    lines = [
+        f"### {name} ({params:.0f} M-param LM, {engine.num_image_tokens} tokens/image, {args.device}, "
+        f"{args.dtype}{', compiled' if args.compile else ''})",
+        "",
+        f"| loop ({args.count} images, guidance 5) | per step | images/s | time / ours |",
+        "|---|---|---|---|",
+    ]
     results = loops(engine, args.count, args.repeats)
     ours_time = results[-1][1]
     for label, seconds in results:
         step_ms = 1000 * seconds / engine.num_image_tokens
-        lines.append(f"| {label} | {step_ms:.2f} ms | {args.count / seconds:.2f} | {seconds / ours_time:.2f} |")
+        lines.append(
+            f"| {label} | {step_ms:.2f} ms | {args.count / seconds:.2f} | {seconds / ours_time:.2f} |"
+        )
     lines += ["", "| concurrent 1-image requests | batching | images/s | p50 latency |", "|---|---|---|---|"]
     rates = {}
     for requests in (1, 4, 8):
@@ -136,14 +160,18 @@ def bench_size(name: str, args: argparse.Namespace) -> list[str]:
             rates[requests, batching] = rate
             lines.append(f"| {requests} | {'on' if batching else 'off'} | {rate:.2f} | {p50:.2f} s |")
     lines.append("")
-    lines.append(f"8 concurrent requests with batching: {rates[8, True] / rates[8, False]:.1f}x the throughput "
-                 f"of the same requests one at a time (target >= 3x).")
+    lines.append(
+        f"8 concurrent requests with batching: {rates[8, True] / rates[8, False]:.1f}x the throughput "
+        f"of the same requests one at a time (target >= 3x)."
+    )
     print("\n".join(lines))
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

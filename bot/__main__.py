@@ -29,7 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     imagine = commands.add_parser("imagine", help="draw images from a prompt and save them as PNG")
     imagine.add_argument("prompt")
     imagine.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNG files")
-    imagine.add_argument("--count", type=int, default=None, help="how many images (default IMAGES_PER_PROMPT)")
+    imagine.add_argument(
+        "--count", type=int, default=None, help="how many images (default IMAGES_PER_PROMPT)"
+    )
     imagine.add_argument("--seed", type=int, default=None, help="same seed, same images (default random)")
     imagine.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     imagine.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -49,13 +51,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "ask":
-            print(asyncio.run(ask(settings, args.images, args.question, seed=args.seed,
-                                  temperature=args.temperature)))
+            print(
+                asyncio.run(
+                    ask(settings, args.images, args.question, seed=args.seed, temperature=args.temperature)
+                )
+            )
         elif args.command == "imagine":
             count = args.count or settings.images_per_prompt
             seed = random.randrange(2**31) if args.seed is None else args.seed
-            paths = asyncio.run(imagine(settings, args.prompt, args.out, count=count, seed=seed,
-                                        guidance=args.guidance, temperature=args.temperature))
+            paths = asyncio.run(
+                imagine(
+                    settings,
+                    args.prompt,
+                    args.out,
+                    count=count,
+                    seed=seed,
+                    guidance=args.guidance,
+                    temperature=args.temperature,
+                )
+            )
             print("\n".join(str(path) for path in paths))
         elif args.command == "worker":
             from bot.redis.worker import run_worker

@@ -28,19 +28,32 @@ Deliver = Callable[[Job[Any], Any, Origin], Coroutine[Any, Any, None]]
 class Backend(Protocol):
     """Everything the cogs, the client, /status and the metrics need from whatever runs the model."""
 
-    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
-            charge: Charge | None = None) -> Job[str]:
+    def ask(
+        self, request: AskRequest, *, owner: int, origin: Origin | None = None, charge: Charge | None = None
+    ) -> Job[str]:
         """Queue a question (raises QueueFull, or another UserFacingError, when it cannot be taken).
         `origin` and `charge` let a later run of the bot deliver or refund it, where jobs outlive the bot."""
         ...
 
-    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[list[Drawing]]:
+    def imagine(
+        self,
+        request: ImagineRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> Job[list[Drawing]]:
         """Queue a gallery, as `ask` does."""
         ...
 
-    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[Image.Image]:
+    def upscale(
+        self,
+        request: UpscaleRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> Job[Image.Image]:
         """Queue one gallery image's upscale, as `ask` does; it does not outlive the bot (no re-attaching)."""
         ...
 
@@ -75,26 +88,41 @@ class LocalBackend:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.accepting = True
 
-    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
-            charge: Charge | None = None) -> Job[str]:
+    def ask(
+        self, request: AskRequest, *, owner: int, origin: Origin | None = None, charge: Charge | None = None
+    ) -> Job[str]:
         self._check_accepting()
         job = self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
         job.origin, job.charge = origin, charge
         return job
 
-    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[list[Drawing]]:
+    def imagine(
+        self,
+        request: ImagineRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> Job[list[Drawing]]:
         self._check_accepting()
-        job = self.executor.submit_batched(self.imagine_batch, request, weight=request.count, kind="imagine",
-                                           owner=owner)
+        job = self.executor.submit_batched(
+            self.imagine_batch, request, weight=request.count, kind="imagine", owner=owner
+        )
         job.origin, job.charge = origin, charge
         return job
 
-    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> Job[Image.Image]:
+    def upscale(
+        self,
+        request: UpscaleRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> Job[Image.Image]:
         self._check_accepting()
-        job = self.executor.submit(lambda report: self.studio().upscale(request, report), kind="upscale",
-                                   owner=owner)
+        job = self.executor.submit(
+            lambda report: self.studio().upscale(request, report), kind="upscale", owner=owner
+        )
         job.origin, job.charge = origin, charge
         return job
 
@@ -128,8 +156,12 @@ class LocalBackend:
         """The figures, read without waiting (a worker publishes them from here too)."""
         executor = self.executor
         running = len(executor.running)
-        return BackendStatus(waiting=max(executor.depth - running, 0), running=running,
-                             workers=(self.worker_status(),), remote=False)
+        return BackendStatus(
+            waiting=max(executor.depth - running, 0),
+            running=running,
+            workers=(self.worker_status(),),
+            remote=False,
+        )
 
     def worker_status(self) -> WorkerStatus:
         """This process as a worker: its model, device, slots in use, jobs done and timings."""
@@ -137,10 +169,16 @@ class LocalBackend:
         device: dict[str, Any] = studio.describe() if studio is not None else {}
         busy = sum(job.weight for job in self.executor.running)
         return WorkerStatus(
-            name=self.name, host=self.name.rpartition(":")[0], model=self.settings.janus_model,
+            name=self.name,
+            host=self.name.rpartition(":")[0],
+            model=self.settings.janus_model,
             device=str(device.get("device", self.settings.janus_device)),
             dtype=str(device.get("dtype", self.settings.janus_dtype)),
-            loaded=studio is not None, gpu_stuck=self.executor.stuck,
+            loaded=studio is not None,
+            gpu_stuck=self.executor.stuck,
             gpu_memory_bytes=device.get("gpu_memory_bytes"),
-            slots=self.executor.max_batch, busy=busy, jobs_done=self.executor.jobs_done,
-            timings=self.executor.timings())
+            slots=self.executor.max_batch,
+            busy=busy,
+            jobs_done=self.executor.jobs_done,
+            timings=self.executor.timings(),
+        )

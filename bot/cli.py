@@ -42,8 +42,9 @@ async def ask(settings: Settings, images: list[Path], question: str, *, seed: in
         return await executor.submit(lambda report: studio.ask(request, report), kind="ask")
 
 
-async def imagine(settings: Settings, prompt: str, out: Path, *, count: int, seed: int, guidance: float,
-                  temperature: float) -> list[Path]:
+async def imagine(
+    settings: Settings, prompt: str, out: Path, *, count: int, seed: int, guidance: float, temperature: float
+) -> list[Path]:
     """Draw `count` images, upscale them, and save them as PNG files in `out`; returns their paths."""
     async with GpuExecutor(settings.queue_size, max_batch=settings.max_batch_images) as executor:
         studio = await executor.call(Studio.load, settings)

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.understanding", "cogs.generation", "cogs.gallery", "cogs.admin", "cogs.status")
 SORRY = "Sorry, something went wrong on my side. Please try again in a moment."
 SHUTDOWN_GRACE_SECONDS = 60.0
-GPU_STUCK_EXIT = 3  # the exit code when the GPU thread never came back: restart the process (compose, systemd)
+GPU_STUCK_EXIT = (
+    3  # the exit code when the GPU thread never came back: restart the process (compose, systemd)
+)
 
 
 def make_intents() -> discord.Intents:
@@ -46,16 +48,25 @@ class JanusBot(commands.AutoShardedBot):
     """The bot: settings, usage store, the backend that runs its jobs, and for local mode the GPU executor and
     (once loaded) the model studio, shared by all cogs."""
 
-    def __init__(self, *, settings: Settings, store: UsageStore, executor: GpuExecutor,
-                 backend: Backend | None = None, studio: Any | None = None,
-                 shard_count: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: UsageStore,
+        executor: GpuExecutor,
+        backend: Backend | None = None,
+        studio: Any | None = None,
+        shard_count: int | None = None,
+    ) -> None:
         """`backend` runs the jobs: GPU workers through Redis, or by default this process's GPU thread."""
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=make_intents(),
             help_command=None,
             shard_count=shard_count,
-            allowed_mentions=discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True),
+            allowed_mentions=discord.AllowedMentions(
+                everyone=False, users=False, roles=False, replied_user=True
+            ),
         )
         point_at_discord(settings)
         self.settings, self.store, self.executor = settings, store, executor
@@ -124,10 +135,13 @@ class JanusBot(commands.AutoShardedBot):
         """No prefix commands: the cogs listen to messages themselves (so a mention is no CommandNotFound)."""
 
     async def on_ready(self) -> None:
-        log.info("Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds))
+        log.info(
+            "Logged in as %s (%s) on %d server(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds)
+        )
 
-    async def on_app_command_error(self, interaction: discord.Interaction,
-                                   error: app_commands.AppCommandError) -> None:
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
         """Every slash command, context menu and button error ends here: a polite, ephemeral answer."""
         original = getattr(error, "original", error)
         if isinstance(original, UserFacingError | app_commands.CheckFailure):
@@ -141,8 +155,11 @@ class JanusBot(commands.AutoShardedBot):
     async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop taking requests, tell the queued members, let the running job finish and every answer go out,
         then log out."""
-        log.info("Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
-                 grace, max(self.executor.depth - len(self.executor.running), 0))
+        log.info(
+            "Shutting down: finishing the running job (up to %.0fs), telling %d queued member(s)",
+            grace,
+            max(self.executor.depth - len(self.executor.running), 0),
+        )
         started = time.perf_counter()
         self.backend.stop_accepting()
         await self.executor.close(grace=grace)
@@ -164,12 +181,16 @@ async def reply_privately(interaction: discord.Interaction, text: str) -> None:
 
 
 async def acknowledge(interaction: discord.Interaction) -> None:
-    """Show "thinking…" for a request that was taken. When Discord refuses (the interaction is unknown, 10062, or
-    was already acknowledged, 40060), the work goes ahead anyway: its answer then falls back to the channel."""
+    """Show "thinking…" for a request that was taken. When Discord refuses (the interaction is unknown,
+    10062, or
+    was already acknowledged, 40060), the work goes ahead anyway: its answer then falls back to the
+    channel."""
     try:
         await interaction.response.defer(thinking=True)
     except discord.HTTPException as error:
-        log.warning("Could not acknowledge %s's request (%s); it will still be answered", interaction.user, error)
+        log.warning(
+            "Could not acknowledge %s's request (%s); it will still be answered", interaction.user, error
+        )
 
 
 async def run_bot(settings: Settings) -> int:
@@ -177,13 +198,19 @@ async def run_bot(settings: Settings) -> int:
     from bot.redis.backend import open_backend
 
     if settings.discord_token is None:
-        raise StartupError("DISCORD_TOKEN is not set: copy your bot's token from the Discord Developer Portal "
-                           "(Bot > Reset Token) into .env as DISCORD_TOKEN=...")
+        raise StartupError(
+            "DISCORD_TOKEN is not set: copy your bot's token from the Discord Developer Portal "
+            "(Bot > Reset Token) into .env as DISCORD_TOKEN=..."
+        )
     async with (
         UsageStore.open(settings.database_path) as store,
-        GpuExecutor(settings.queue_size, max_batch=settings.max_batch_images, job_timeout=settings.job_timeout_seconds,
-                    stuck_grace=settings.gpu_stuck_seconds,
-                    notify_interval=settings.status_update_seconds) as executor,
+        GpuExecutor(
+            settings.queue_size,
+            max_batch=settings.max_batch_images,
+            job_timeout=settings.job_timeout_seconds,
+            stuck_grace=settings.gpu_stuck_seconds,
+            notify_interval=settings.status_update_seconds,
+        ) as executor,
         open_backend(settings) as remote,  # None unless EXECUTOR=redis
     ):
         # With GPU workers (python -m bot worker) running the jobs, none runs in this process.
@@ -199,10 +226,14 @@ async def run_bot(settings: Settings) -> int:
             try:
                 await bot.start(settings.discord_token.get_secret_value())
             except discord.LoginFailure:
-                raise StartupError("DISCORD_TOKEN was rejected by Discord: copy a fresh token from the "
-                                   "Developer Portal (Bot > Reset Token) into .env") from None
+                raise StartupError(
+                    "DISCORD_TOKEN was rejected by Discord: copy a fresh token from the "
+                    "Developer Portal (Bot > Reset Token) into .env"
+                ) from None
             except discord.PrivilegedIntentsRequired:
-                raise StartupError("Discord refused the Message Content intent: turn it on in the Developer "
-                                   "Portal (Bot > Privileged Gateway Intents > Message Content)") from None
+                raise StartupError(
+                    "Discord refused the Message Content intent: turn it on in the Developer "
+                    "Portal (Bot > Privileged Gateway Intents > Message Content)"
+                ) from None
     log.info("Logged out")
     return bot.exit_code

@@ -44,7 +44,9 @@ class TokenLife:
     @property
     def alive(self) -> bool:
         if not self.dead and (discord.utils.utcnow() - self.created_at).total_seconds() >= self.max_seconds:
-            log.info("An interaction token is %.0f s old; posting in the channel from now on", self.max_seconds)
+            log.info(
+                "An interaction token is %.0f s old; posting in the channel from now on", self.max_seconds
+            )
             self.dead = True
         return not self.dead
 
@@ -74,8 +76,13 @@ class Delivery:
                 log.warning("Could not update the /imagine response: %s", error)
         return None
 
-    async def send(self, text: str, files: list[discord.File], layout: Callable[[str], discord.ui.LayoutView],
-                   first: bool) -> discord.Message:
+    async def send(
+        self,
+        text: str,
+        files: list[discord.File],
+        layout: Callable[[str], discord.ui.LayoutView],
+        first: bool,
+    ) -> discord.Message:
         """The first message replaces the original response; later ones are follow-ups. In the channel instead
         (once the token is gone), the text starts with the requester's mention, who alone is pinged."""
         if first:
@@ -93,13 +100,19 @@ class Delivery:
         user, channel = self.interaction.user, self.interaction.channel
         try:
             return await channel.send(  # type: ignore[union-attr]
-                view=layout(f"{user.mention} {text}"), files=files,
+                view=layout(f"{user.mention} {text}"),
+                files=files,
                 allowed_mentions=discord.AllowedMentions(users=[user]),
             )
         except discord.Forbidden as error:  # say which permission to ask an admin for
             missing = missing_permission(channel, files=bool(files))
-            log.warning("Could not post /imagine results in #%s of server %s: %s (missing: %s)", channel,
-                        self.interaction.guild_id, error, missing or "unknown")
+            log.warning(
+                "Could not post /imagine results in #%s of server %s: %s (missing: %s)",
+                channel,
+                self.interaction.guild_id,
+                error,
+                missing or "unknown",
+            )
             raise UserFacingError(cannot_post(missing)) from None
 
 
@@ -112,7 +125,8 @@ class AnswerOutput(Protocol):
 
 
 class ReplyOutput:
-    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain walkable."""
+    """Streams into a reply to `message`; further chunks reply to the previous one, keeping the chain
+    walkable."""
 
     def __init__(self, message: discord.Message) -> None:
         self.message, self.reply = message, None
@@ -136,7 +150,9 @@ class ReplyOutput:
         except discord.HTTPException:  # e.g. the question was deleted meanwhile: to the channel, mentioning
             author = self.message.author
             for part in with_prefix(author.mention, chunks):
-                await self.message.channel.send(part, allowed_mentions=discord.AllowedMentions(users=[author]))
+                await self.message.channel.send(
+                    part, allowed_mentions=discord.AllowedMentions(users=[author])
+                )
             return
         for chunk in rest:
             previous = await previous.reply(chunk, mention_author=False)
@@ -175,10 +191,14 @@ class InteractionOutput:
         last = len(chunks) - 1
         try:
             if self.token.alive:
-                await self.interaction.edit_original_response(content=chunks[0], view=view if last == 0 else None)
+                await self.interaction.edit_original_response(
+                    content=chunks[0], view=view if last == 0 else None
+                )
                 sent = 1
             while sent < len(chunks) and self.token.alive:
-                await self.interaction.followup.send(chunks[sent], view=view if view is not None and sent == last else MISSING)
+                await self.interaction.followup.send(
+                    chunks[sent], view=view if view is not None and sent == last else MISSING
+                )
                 sent += 1
         except discord.HTTPException as error:  # the token is dead, or Discord failed: to the channel
             self.token.refused(error)
@@ -187,13 +207,16 @@ class InteractionOutput:
         parts = with_prefix(user.mention, chunks[sent:])
         for index, part in enumerate(parts, 1):
             await self.interaction.channel.send(  # type: ignore[union-attr]
-                part, view=view if view is not None and index == len(parts) else MISSING,
-                allowed_mentions=discord.AllowedMentions(users=[user]))
+                part,
+                view=view if view is not None and index == len(parts) else MISSING,
+                allowed_mentions=discord.AllowedMentions(users=[user]),
+            )
 
 
 @dataclass
 class ResumedInteraction:
-    """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis. With the
+    """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis.
+    With the
     application id and token (valid 15 minutes) the original response can still be edited and followed up
     through the interaction's webhook; without them (or once they expire) results go to the channel. It offers
     what `Delivery`, `InteractionOutput` and the cogs' delivery use of a `discord.Interaction`."""
@@ -209,32 +232,52 @@ class ResumedInteraction:
     async def of(cls, bot: discord.Client, origin: Origin, owner: int) -> ResumedInteraction:
         user = bot.get_user(owner) or await bot.fetch_user(owner)
         guild_id = origin.guild_id or None
-        channel = bot.get_channel(origin.channel_id) or bot.get_partial_messageable(origin.channel_id,
-                                                                                     guild_id=guild_id)
+        channel = bot.get_channel(origin.channel_id) or bot.get_partial_messageable(
+            origin.channel_id, guild_id=guild_id
+        )
         webhook = None
         if origin.application_id and origin.token:
             webhook = discord.Webhook.partial(origin.application_id, origin.token, client=bot)
-        created = datetime.fromtimestamp(origin.created_at, UTC) if origin.created_at else discord.utils.utcnow()
-        return cls(user, channel, guild_id, bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
-                   webhook, created)
+        created = (
+            datetime.fromtimestamp(origin.created_at, UTC) if origin.created_at else discord.utils.utcnow()
+        )
+        return cls(
+            user,
+            channel,
+            guild_id,
+            bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
+            webhook,
+            created,
+        )
 
     @property
     def expired(self) -> bool:
         return self.followup is None
 
-    async def edit_original_response(self, *, content: Any = MISSING, attachments: Any = MISSING,
-                                     view: Any = MISSING) -> discord.WebhookMessage:
+    async def edit_original_response(
+        self, *, content: Any = MISSING, attachments: Any = MISSING, view: Any = MISSING
+    ) -> discord.WebhookMessage:
         """PATCH /webhooks/{application}/{token}/messages/@original, as `Interaction.edit_original_response`
         sends it (`Webhook.edit_message("@original")` would send the "@" percent-encoded)."""
         webhook = self.followup
         if webhook is None or webhook.token is None:
             raise ValueError("no interaction token to edit the original response with")
-        with handle_message_parameters(content=content, attachments=attachments, view=view,
-                                       previous_allowed_mentions=webhook._state.allowed_mentions) as params:
+        with handle_message_parameters(
+            content=content,
+            attachments=attachments,
+            view=view,
+            previous_allowed_mentions=webhook._state.allowed_mentions,
+        ) as params:
             data = await async_context.get().edit_original_interaction_response(
-                webhook.id, webhook.token, session=webhook.session, proxy=webhook.proxy,
-                proxy_auth=webhook.proxy_auth, payload=params.payload, multipart=params.multipart,
-                files=params.files)
+                webhook.id,
+                webhook.token,
+                session=webhook.session,
+                proxy=webhook.proxy,
+                proxy_auth=webhook.proxy_auth,
+                payload=params.payload,
+                multipart=params.multipart,
+                files=params.files,
+            )
         message = webhook._create_message(data, thread=MISSING)
         if view and not view.is_finished() and view.is_dispatchable():
             webhook._state.store_view(view, message.id)

@@ -45,14 +45,22 @@ def mark_special_tokens(text: str, special: re.Pattern[str]) -> str:
     return special.sub(lambda match: f"{_TYPED}{match[0]}{_TYPED_END}", text)
 
 
-def encode_prompts(processor: AutoProcessor, prompts: Sequence[str], images: Sequence[Image.Image], *,
-                   generation_mode: str, pad_to_multiple_of: int | None = None) -> BatchFeature:
+def encode_prompts(
+    processor: AutoProcessor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    *,
+    generation_mode: str,
+    pad_to_multiple_of: int | None = None,
+) -> BatchFeature:
     """What `processor(text=prompts, images=images, generation_mode=..., padding=True, return_tensors="pt")`
     gives (left-padded input_ids and attention_mask, pixel_values), except that the special tokens
     `mark_special_tokens` marked are encoded as plain text: the template's own stay special."""
     tokenizer = processor.tokenizer
     image_tokens = processor.image_token * processor.num_image_tokens
-    one_image = processor.image_start_token + image_tokens + processor.image_end_token  # as the processor expands
+    one_image = (
+        processor.image_start_token + image_tokens + processor.image_end_token
+    )  # as the processor expands
     rows = []
     for prompt in prompts:
         if generation_mode == "text" and processor.use_default_system_prompt:
@@ -64,11 +72,19 @@ def encode_prompts(processor: AutoProcessor, prompts: Sequence[str], images: Seq
             if index % 2:
                 ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             elif piece or index == 0:  # the first piece gets BOS (from the tokenizer's post-processor)
-                ids += tokenizer(piece.replace(processor.image_token, one_image),
-                                 add_special_tokens=index == 0)["input_ids"]
+                ids += tokenizer(
+                    piece.replace(processor.image_token, one_image), add_special_tokens=index == 0
+                )["input_ids"]
         rows.append(ids)
-    data = dict(tokenizer.pad({"input_ids": rows}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
-                              padding_side="left", return_tensors="pt"))
+    data = dict(
+        tokenizer.pad(
+            {"input_ids": rows},
+            padding=True,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side="left",
+            return_tensors="pt",
+        )
+    )
     if images:
         data["pixel_values"] = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
     return BatchFeature(data)
@@ -76,7 +92,8 @@ def encode_prompts(processor: AutoProcessor, prompts: Sequence[str], images: Seq
 
 @dataclass
 class ImageBatch:
-    """Several requests' rows laid out for one generation loop: rows [0, B) conditional, [B, 2B) unconditional."""
+    """Several requests' rows laid out for one generation loop: rows [0, B) conditional, [B, 2B)
+    unconditional."""
 
     input_ids: torch.Tensor  # [2B, L] long, left-padded
     attention_mask: torch.Tensor  # [2B, L] long
@@ -107,8 +124,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class _TextReporter(BaseStreamer):
     """Feeds each row's answer decoded so far to its reporter, at most every `interval` seconds."""
 
-    def __init__(self, decode: Callable[[list[int]], str], reports: Sequence[Reporter], total: int,
-                 interval: float, eos: int | None) -> None:
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        reports: Sequence[Reporter],
+        total: int,
+        interval: float,
+        eos: int | None,
+    ) -> None:
         self.decode, self.reports, self.total, self.interval, self.eos = decode, reports, total, interval, eos
         self.tokens: list[list[int]] = [[] for _ in reports]
         self.finished = [False] * len(reports)
@@ -163,18 +186,31 @@ class _RowSampler(LogitsProcessor):
 class JanusEngine:
     """A loaded Janus-Pro model and processor on one device."""
 
-    def __init__(self, model: JanusForConditionalGeneration, processor: AutoProcessor, *,
-                 preview_seconds: float | None = None, static_cache: bool = False, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: JanusForConditionalGeneration,
+        processor: AutoProcessor,
+        *,
+        preview_seconds: float | None = None,
+        static_cache: bool = False,
+        compile: bool = False,
+    ) -> None:
         self.model, self.processor = model, processor
         # A static KV cache keeps every decode step's shapes fixed, which torch.compile / CUDA graphs need.
         self.static_cache = static_cache or compile
         self.decode_step = (
-            torch.compile(self._forward, mode="reduce-overhead" if model.device.type == "cuda" else "default",
-                          dynamic=False)
-            if compile else self._forward
+            torch.compile(
+                self._forward,
+                mode="reduce-overhead" if model.device.type == "cuda" else "default",
+                dynamic=False,
+            )
+            if compile
+            else self._forward
         )
         self.tokenizer = processor.tokenizer
-        longest_first = sorted(self.tokenizer.added_tokens_encoder, key=len, reverse=True)  # typed, they are text
+        longest_first = sorted(
+            self.tokenizer.added_tokens_encoder, key=len, reverse=True
+        )  # typed, they are text
         self.special_tokens = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
         self.device, self.dtype = model.device, model.dtype
         self.preview_seconds = preview_seconds  # None: no previews; 0: after every finished row
@@ -187,8 +223,15 @@ class JanusEngine:
         self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
 
     @classmethod
-    def load(cls, model_name: str, *, device: str = "auto", dtype: str = "auto",
-             preview_seconds: float | None = None, compile: bool = False) -> JanusEngine:
+    def load(
+        cls,
+        model_name: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        preview_seconds: float | None = None,
+        compile: bool = False,
+    ) -> JanusEngine:
         """Load from a hub id or a local directory onto the chosen device."""
         started = time.perf_counter()
         target = resolve_device(device)
@@ -198,9 +241,16 @@ class JanusEngine:
         model.to(target).eval()
         engine = cls(model, processor, preview_seconds=preview_seconds, compile=compile)
         params = sum(p.numel() for p in model.parameters())
-        log.info("Loaded %s on %s (%s, %.2f B params) in %.1fs; images %dpx from %d tokens",
-                 model_name, target, torch_dtype, params / 1e9, time.perf_counter() - started,
-                 engine.image_size, engine.num_image_tokens)
+        log.info(
+            "Loaded %s on %s (%s, %.2f B params) in %.1fs; images %dpx from %d tokens",
+            model_name,
+            target,
+            torch_dtype,
+            params / 1e9,
+            time.perf_counter() - started,
+            engine.image_size,
+            engine.num_image_tokens,
+        )
         return engine
 
     # ---- understanding ---------------------------------------------------------------------------------
@@ -234,13 +284,23 @@ class JanusEngine:
         # Janus's own generate() drops `logits_processor` in text mode; its text mode is exactly the
         # generic GenerationMixin.generate without guidance, so call that directly.
         output = GenerationMixin.generate(
-            self.model, **inputs, max_new_tokens=longest, streamer=streamer, pad_token_id=self.pad_id,
-            logits_processor=LogitsProcessorList([_RowSampler(requests)]), guidance_scale=None,
-            do_sample=False, temperature=None, top_p=None, top_k=None,
+            self.model,
+            **inputs,
+            max_new_tokens=longest,
+            streamer=streamer,
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([_RowSampler(requests)]),
+            guidance_scale=None,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
         )  # [B, L + new]
         prompt_length = inputs["input_ids"].shape[1]
-        return [self._decode_answer(row[prompt_length: prompt_length + r.max_new_tokens].tolist())
-                for row, r in zip(output, requests, strict=True)]
+        return [
+            self._decode_answer(row[prompt_length : prompt_length + r.max_new_tokens].tolist())
+            for row, r in zip(output, requests, strict=True)
+        ]
 
     def _decode_answer(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -263,9 +323,13 @@ class JanusEngine:
             filler = ImagineRequest(real[-1].prompt, count=(1 << total.bit_length()) - total, temperature=0)
             requests = [*real, filler]
         # With a static cache, prompt lengths are rounded up too (left padding), for the same reason.
-        inputs = encode_prompts(self.processor, [self.prompt_text(r.prompt) for r in requests], [],
-                                generation_mode="image",
-                                pad_to_multiple_of=PROMPT_BUCKET if self.static_cache else None)
+        inputs = encode_prompts(
+            self.processor,
+            [self.prompt_text(r.prompt) for r in requests],
+            [],
+            generation_mode="image",
+            pad_to_multiple_of=PROMPT_BUCKET if self.static_cache else None,
+        )
         counts = torch.tensor([r.count for r in requests])
         cond = inputs["input_ids"].repeat_interleave(counts, dim=0)  # [B, L] prompt-major, as HF does
         mask = inputs["attention_mask"].repeat_interleave(counts, dim=0)
@@ -275,10 +339,12 @@ class JanusEngine:
         for r in real:
             spans.append(slice(start, start + r.count))
             start += r.count
-        uniforms = torch.cat([
-            torch.rand((r.count, self.num_image_tokens), generator=torch.Generator().manual_seed(r.seed))
-            for r in requests
-        ])
+        uniforms = torch.cat(
+            [
+                torch.rand((r.count, self.num_image_tokens), generator=torch.Generator().manual_seed(r.seed))
+                for r in requests
+            ]
+        )
         kept = torch.zeros((len(uniforms), self.num_image_tokens), dtype=torch.long)
         kept_length = torch.zeros(len(uniforms), dtype=torch.long)
         for span, r in zip(spans, real, strict=True):
@@ -300,7 +366,9 @@ class JanusEngine:
         """Kept tokens must be image tokens of this model, at most one image's worth."""
         vocabulary = self.model.config.vq_config.num_embeddings
         if len(keep) > self.num_image_tokens or any(not 0 <= token < vocabulary for token in keep):
-            raise ValueError(f"keep: expected at most {self.num_image_tokens} image tokens in [0, {vocabulary})")
+            raise ValueError(
+                f"keep: expected at most {self.num_image_tokens} image tokens in [0, {vocabulary})"
+            )
         return list(keep)
 
     def _new_cache(self, max_length: int) -> DynamicCache | StaticCache:
@@ -308,11 +376,20 @@ class JanusEngine:
             return StaticCache(config=self.model.config.text_config, max_cache_len=max_length)
         return DynamicCache(config=self.model.config.text_config)
 
-    def _forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache | StaticCache) -> torch.Tensor:
+    def _forward(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | StaticCache,
+    ) -> torch.Tensor:
         """Logits of the image head for the last position. [2B, S, D] -> [B*2, V] float32."""
         hidden = self.model.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
         ).last_hidden_state[:, -1, :]  # [2B, D]
         return self.model.model.generation_head(hidden).float()  # [2B, V]
 
@@ -350,7 +427,9 @@ class JanusEngine:
             logits = forward(embeds, mask, positions, cache)  # [2B, V]
             chosen = self.sample(logits, batch, step)  # [B]
             tokens[:, step] = chosen
-            embeds = self.model.prepare_embeddings_for_image_generation(chosen.repeat(2)).unsqueeze(1)  # [2B,1,D]
+            embeds = self.model.prepare_embeddings_for_image_generation(chosen.repeat(2)).unsqueeze(
+                1
+            )  # [2B,1,D]
             positions = positions[:, -1:] + 1
             if self.static_cache:
                 mask[:, prompt_length + step] = 1
@@ -360,10 +439,18 @@ class JanusEngine:
                 last_preview = self._report_step(batch, tokens, step + 1, reports, last_preview)
         return tokens
 
-    def _report_step(self, batch: ImageBatch, tokens: torch.Tensor, done: int, reports: Sequence[Reporter],
-                     last_preview: float) -> float:
+    def _report_step(
+        self,
+        batch: ImageBatch,
+        tokens: torch.Tensor,
+        done: int,
+        reports: Sequence[Reporter],
+        last_preview: float,
+    ) -> float:
         preview_due = (
-            self.preview_seconds is not None and done < self.num_image_tokens and done % self.grid == 0
+            self.preview_seconds is not None
+            and done < self.num_image_tokens
+            and done % self.grid == 0
             and time.perf_counter() - last_preview >= self.preview_seconds
         )
         previews = self.preview(tokens[: batch.spans[-1].stop], done) if preview_due else None
@@ -390,13 +477,16 @@ class JanusEngine:
         rgb = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         return [Image.fromarray(array) for array in rgb]
 
-    def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter] = ()) -> list[list[Drawing]]:
+    def imagine_batch(
+        self, requests: Sequence[ImagineRequest], reports: Sequence[Reporter] = ()
+    ) -> list[list[Drawing]]:
         """Draw every request's images in one loop; each request gets the images it would get alone."""
         batch = self.prepare_batch(requests)
         tokens = self.generate_tokens(batch, reports)[: batch.spans[-1].stop]  # filler rows are not decoded
-        drawings = [Drawing(image, tuple(row)) for image, row in zip(self.decode(tokens), tokens.tolist(),
-                                                                      strict=True)]
+        drawings = [
+            Drawing(image, tuple(row))
+            for image, row in zip(self.decode(tokens), tokens.tolist(), strict=True)
+        ]
         return [drawings[span] for span in batch.spans]
 
     def imagine(self, request: ImagineRequest, report: Reporter | None = None) -> list[Drawing]:

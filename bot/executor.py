@@ -27,15 +27,24 @@ P = TypeVar("P")
 
 BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 
-GPU_STUCK = ("The GPU is stuck on an earlier request, so the bot cannot take any work right now; its operator "
-             "has been alerted and it will restart. Please ask again in a few minutes.")
+GPU_STUCK = (
+    "The GPU is stuck on an earlier request, so the bot cannot take any work right now; its operator "
+    "has been alerted and it will restart. Please ask again in a few minutes."
+)
 
 
 class Job(Generic[T]):
     """A unit of GPU work: awaitable for its result, cancellable while queued, observable while it runs."""
 
-    def __init__(self, *, kind: str, owner: int | None, weight: int, loop: asyncio.AbstractEventLoop,
-                 notify_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        kind: str,
+        owner: int | None,
+        weight: int,
+        loop: asyncio.AbstractEventLoop,
+        notify_interval: float = 1.0,
+    ) -> None:
         self.kind, self.owner, self.weight = kind, owner, weight
         self.future: asyncio.Future[T] = loop.create_future()
         self.progress: Progress | None = None  # written by the GPU thread, read by the loop
@@ -124,18 +133,26 @@ class _Work:
 class GpuExecutor:
     """Serialises all model work onto one thread; a bounded FIFO queue feeds it."""
 
-    def __init__(self, queue_size: int = 16, *, max_batch: int = 16, job_timeout: float | None = None,
-                 stuck_grace: float = 120.0, notify_interval: float = 1.0) -> None:
-        """A timed-out job that has not given the thread back `stuck_grace` seconds later leaves the GPU stuck:
+    def __init__(
+        self,
+        queue_size: int = 16,
+        *,
+        max_batch: int = 16,
+        job_timeout: float | None = None,
+        stuck_grace: float = 120.0,
+        notify_interval: float = 1.0,
+    ) -> None:
+        """A timed-out job that has not given the thread back `stuck_grace` seconds later leaves the
+        GPU stuck:
         the executor then takes no more work and calls `on_stuck` (on the loop)."""
         self.queue_size, self.max_batch, self.job_timeout = queue_size, max_batch, job_timeout
         self.stuck_grace = stuck_grace
         self.stuck = False
         self.on_stuck: Callable[[], None] | None = None
         self.notify_interval = notify_interval
-        self._waiting: collections.deque[tuple[Job[Any], Callable[[], Any] | None, BatchRunner | None, Any]] = (
-            collections.deque()
-        )
+        self._waiting: collections.deque[
+            tuple[Job[Any], Callable[[], Any] | None, BatchRunner | None, Any]
+        ] = collections.deque()
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         # The dispatcher runs only while there is work and exits when the queue is empty, so an idle bot
         # has no task parked on a queue (which also lets test harnesses see when the bot is idle).
@@ -183,16 +200,24 @@ class GpuExecutor:
     def _all_jobs(self) -> list[Job[Any]]:
         return [entry[0] for entry in self._waiting] + self.running
 
-    def submit(self, fn: Callable[[Reporter], T], *, kind: str = "job", owner: int | None = None,
-               timed: bool = True) -> Job[T]:
-        """Queue `fn(report)` for the GPU thread; raises QueueFull when the queue is at capacity. A job that is
+    def submit(
+        self, fn: Callable[[Reporter], T], *, kind: str = "job", owner: int | None = None, timed: bool = True
+    ) -> Job[T]:
+        """Queue `fn(report)` for the GPU thread; raises QueueFull when the queue is at capacity. A
+        job that is
         not `timed` may run as long as it takes (loading the model)."""
         job = self._enqueue(kind, owner, 1, fn, None, None)
         job.timed = timed
         return job
 
     def submit_batched(
-        self, runner: BatchRunner, payload: Any, *, weight: int = 1, kind: str = "job", owner: int | None = None
+        self,
+        runner: BatchRunner,
+        payload: Any,
+        *,
+        weight: int = 1,
+        kind: str = "job",
+        owner: int | None = None,
     ) -> Job[Any]:
         """Queue `payload` for `runner(payloads, reporters) -> results`, batched with other waiting payloads
         for the same runner up to `max_batch` total weight."""
@@ -204,8 +229,13 @@ class GpuExecutor:
         return await job
 
     def _enqueue(
-        self, kind: str, owner: int | None, weight: int, fn: Callable[[Reporter], Any] | None,
-        runner: BatchRunner | None, payload: Any,
+        self,
+        kind: str,
+        owner: int | None,
+        weight: int,
+        fn: Callable[[Reporter], Any] | None,
+        runner: BatchRunner | None,
+        payload: Any,
     ) -> Job[Any]:
         if self.stuck:
             raise QueueFull(GPU_STUCK)
@@ -215,7 +245,9 @@ class GpuExecutor:
             waiting = "1 request is" if len(self._waiting) == 1 else f"{len(self._waiting)} requests are"
             raise QueueFull(f"I'm busy: {waiting} already waiting. Please try again in a minute.")
         loop = asyncio.get_running_loop()
-        job: Job[Any] = Job(kind=kind, owner=owner, weight=weight, loop=loop, notify_interval=self.notify_interval)
+        job: Job[Any] = Job(
+            kind=kind, owner=owner, weight=weight, loop=loop, notify_interval=self.notify_interval
+        )
         job._executor = self
         self._waiting.append((job, (lambda: fn(job.report)) if fn else None, runner, payload))
         if self._dispatcher is None or self._dispatcher.done():
@@ -281,7 +313,9 @@ class GpuExecutor:
                 for job in work.jobs:
                     job.finished_at = finished
                     job.changed.set()
-                    self.durations.setdefault(job.kind, collections.deque(maxlen=500)).append(finished - started)
+                    self.durations.setdefault(job.kind, collections.deque(maxlen=500)).append(
+                        finished - started
+                    )
                 self.jobs_done += len(work.jobs)
                 self.running = []
 
@@ -291,11 +325,18 @@ class GpuExecutor:
         try:
             return await asyncio.wait_for(asyncio.shield(thread_future), self.job_timeout)
         except TimeoutError:
-            limit = f"{self.job_timeout / 60:g} minutes" if self.job_timeout >= 120 else f"{self.job_timeout:g} seconds"
+            limit = (
+                f"{self.job_timeout / 60:g} minutes"
+                if self.job_timeout >= 120
+                else f"{self.job_timeout:g} seconds"
+            )
             for job in work.jobs:
                 job.cancel(f"Sorry, this request took longer than {limit} and was stopped.")
-            log.error("%s job timed out after %.0fs; waiting for the GPU thread to stop", work.jobs[0].kind,
-                      self.job_timeout)
+            log.error(
+                "%s job timed out after %.0fs; waiting for the GPU thread to stop",
+                work.jobs[0].kind,
+                self.job_timeout,
+            )
             done, _ = await asyncio.wait([thread_future], timeout=self.stuck_grace)
             if not done:
                 self._give_up(work, thread_future)
@@ -309,13 +350,18 @@ class GpuExecutor:
     def _give_up(self, work: _Work, thread_future: asyncio.Future[list[Any]]) -> None:
         """The GPU thread did not come back: take no more work, tell everyone waiting, let the owner know."""
         self.stuck, self._accepting = True, False
-        log.error("The GPU is stuck: the timed-out %s job still holds the GPU thread %.0fs later; taking no more "
-                  "work, telling %d waiting request(s); the bot must be restarted", work.jobs[0].kind,
-                  self.stuck_grace, len(self._waiting))
+        log.error(
+            "The GPU is stuck: the timed-out %s job still holds the GPU thread %.0fs later; taking no more "
+            "work, telling %d waiting request(s); the bot must be restarted",
+            work.jobs[0].kind,
+            self.stuck_grace,
+            len(self._waiting),
+        )
         for job, *_rest in list(self._waiting):
             job.cancel(GPU_STUCK)
         self._waiting.clear()
-        # Nobody awaits the thread any more: take its outcome, should it ever come, so asyncio does not log it.
+        # Nobody awaits the thread any more: take its outcome, should it ever come, so asyncio does
+        # not log it.
         thread_future.add_done_callback(lambda future: future.cancelled() or future.exception())
         if self.on_stuck is not None:
             self.on_stuck()
@@ -328,7 +374,9 @@ class GpuExecutor:
                 job.future.set_exception(error)
 
     async def close(
-        self, reason: str = "The bot is shutting down; please ask again once it is back.", grace: float | None = None
+        self,
+        reason: str = "The bot is shutting down; please ask again once it is back.",
+        grace: float | None = None,
     ) -> None:
         """Stop accepting, tell every waiting caller, give the running job `grace` seconds to finish (None: as
         long as it takes), then stop the thread."""
@@ -344,4 +392,3 @@ class GpuExecutor:
                 await self._dispatcher
             self._dispatcher = None
         self._thread.shutdown(wait=not self.stuck)  # a stuck thread never ends: do not wait for it
-

@@ -30,7 +30,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         top = float(array.max()) if array.size and array.max() > 0 else 1.0
         gray = np.clip(array / top * 255, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

@@ -94,8 +94,9 @@ _TURNED_OFF: dict[Kind, str] = {
 }
 
 
-def check(kind: Kind, usage: Usage, policy: Policy, *, now: datetime, exempt: bool,
-          place: str = "on this server") -> Decision:
+def check(
+    kind: Kind, usage: Usage, policy: Policy, *, now: datetime, exempt: bool, place: str = "on this server"
+) -> Decision:
     """May a member make one more `kind` request now? Exempt members skip all but the server-wide limit.
     `place` is where the member's limits apply, as the refusal says it ("in direct messages")."""
     if kind == "imagine":

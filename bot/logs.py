@@ -1,4 +1,5 @@
-"""Leveled logs as text or one JSON object per line, with the bot token and interaction tokens redacted wherever
+"""Leveled logs as text or one JSON object per line, with the bot token and interaction tokens redacted
+wherever
 they might appear."""
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:  # already formatted (and redacted) by RedactSecret
@@ -23,7 +28,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-# An interaction's token in a webhook or callback URL (/webhooks/{app}/{token}/..., /interactions/{id}/{token}/...):
+# An interaction's token in a webhook or callback URL (/webhooks/{app}/{token}/...,
+# /interactions/{id}/{token}/...):
 # for 15 minutes it lets anyone post as the bot in that channel.
 INTERACTION_TOKEN = re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?#\"'<>]+")
 

@@ -16,7 +16,8 @@ from bot.images import IMAGE_EXTENSIONS, decode_image, encode_for_upload
 MESSAGE_LIMIT = 2000
 FILES_PER_MESSAGE = 10
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # Discord's limit for servers without boosts
-# Unicode's control, format (zero-width, bidi overrides and isolates, soft hyphen, the invisible tag characters
+# Unicode's control, format (zero-width, bidi overrides and isolates, soft hyphen, the invisible tag
+# characters
 # that can smuggle text to a model) and line/paragraph separator classes.
 _INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
@@ -31,14 +32,19 @@ def is_image(attachment: discord.Attachment) -> bool:
 def check_attachment(attachment: discord.Attachment, *, max_bytes: int) -> None:
     """Refuse, before downloading, what is not an image or is over the size cap (raises BadAttachment)."""
     if not is_image(attachment):
-        raise BadAttachment(f"`{clean_name(attachment.filename)}` isn't an image; I can read PNG, JPEG, WebP "
-                            "and GIF files.")
+        raise BadAttachment(
+            f"`{clean_name(attachment.filename)}` isn't an image; I can read PNG, JPEG, WebP and GIF files."
+        )
     if attachment.size > max_bytes:
-        raise BadAttachment(f"`{clean_name(attachment.filename)}` is {file_size(attachment.size)}; "
-                            f"the limit is {file_size(max_bytes)}.")
+        raise BadAttachment(
+            f"`{clean_name(attachment.filename)}` is {file_size(attachment.size)}; "
+            f"the limit is {file_size(max_bytes)}."
+        )
 
 
-async def read_image(attachment: discord.Attachment, *, max_bytes: int, decoding: asyncio.Semaphore) -> Image.Image:
+async def read_image(
+    attachment: discord.Attachment, *, max_bytes: int, decoding: asyncio.Semaphore
+) -> Image.Image:
     """Download and decode one image attachment (Discord's own CDN URL only), or raise BadAttachment. The
     bytes and the full-size pixels exist only while a `decoding` slot is held: a few at a time in the bot."""
     check_attachment(attachment, max_bytes=max_bytes)
@@ -46,16 +52,19 @@ async def read_image(attachment: discord.Attachment, *, max_bytes: int, decoding
         try:
             data = await attachment.read()
         except discord.HTTPException:
-            raise BadAttachment(f"I couldn't download `{clean_name(attachment.filename)}`; "
-                                "please try again.") from None
+            raise BadAttachment(
+                f"I couldn't download `{clean_name(attachment.filename)}`; please try again."
+            ) from None
         if len(data) > max_bytes:  # the declared size lied
-            raise BadAttachment(f"`{clean_name(attachment.filename)}` is larger than the "
-                                f"{file_size(max_bytes)} limit.")
+            raise BadAttachment(
+                f"`{clean_name(attachment.filename)}` is larger than the {file_size(max_bytes)} limit."
+            )
         return await asyncio.to_thread(decode_image, data)
 
 
-async def read_images(attachments: Sequence[discord.Attachment], *, max_bytes: int, limit: int,
-                      decoding: asyncio.Semaphore) -> list[Image.Image]:
+async def read_images(
+    attachments: Sequence[discord.Attachment], *, max_bytes: int, limit: int, decoding: asyncio.Semaphore
+) -> list[Image.Image]:
     """The image attachments among `attachments` (at most `limit`); non-images are refused politely, before
     any of them is downloaded."""
     for attachment in attachments[:limit]:
@@ -106,7 +115,8 @@ def with_prefix(prefix: str, chunks: Sequence[str], limit: int = MESSAGE_LIMIT) 
 
 
 def missing_permission(channel: object, *, files: bool = False) -> str | None:
-    """The permission the bot lacks to post (with files, if `files`) in a server channel, as Discord's settings
+    """The permission the bot lacks to post (with files, if `files`) in a server channel, as Discord's
+    settings
     name it; None when it has them or the channel is not a server's."""
     guild = getattr(channel, "guild", None)
     if guild is None or guild.me is None:

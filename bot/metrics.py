@@ -45,27 +45,36 @@ def families(status: Status | None) -> Iterator[Metric]:
     running = GaugeMetricFamily("janus_queue_running", "Jobs running on a GPU", labels=[])
     jobs_done = CounterMetricFamily("janus_jobs_done", "Jobs finished by the live workers", labels=[])
     uptime = GaugeMetricFamily("janus_uptime_seconds", "Seconds since the bot started", labels=[])
-    online = GaugeMetricFamily("janus_workers_online", "Live processes running jobs (GPU workers, or the "
-                               "bot)", labels=[])
+    online = GaugeMetricFamily(
+        "janus_workers_online", "Live processes running jobs (GPU workers, or the bot)", labels=[]
+    )
     loaded = GaugeMetricFamily("janus_model_loaded", "1 once a live worker has its model loaded", labels=[])
-    stuck = GaugeMetricFamily("janus_gpu_stuck", "1 once a timed-out job never gave the GPU back "
-                              "(EXECUTOR=local)",
-                              labels=[])
+    stuck = GaugeMetricFamily(
+        "janus_gpu_stuck", "1 once a timed-out job never gave the GPU back (EXECUTOR=local)", labels=[]
+    )
     memory = GaugeMetricFamily("janus_gpu_memory_bytes", "GPU memory allocated (EXECUTOR=local)", labels=[])
-    seconds = GaugeMetricFamily("janus_job_seconds", "Recent job run time by kind (EXECUTOR=local)",
-                                labels=["kind", "stat"])
-    worker_loaded = GaugeMetricFamily("janus_worker_model_loaded", "1 once the worker's model is loaded",
-                                      labels=["worker"])
-    worker_memory = GaugeMetricFamily("janus_worker_gpu_memory_bytes", "GPU memory the worker allocated",
-                                      labels=["worker"])
-    busy = GaugeMetricFamily("janus_worker_busy_slots", "Images the worker's jobs take of its slots",
-                             labels=["worker"])
+    seconds = GaugeMetricFamily(
+        "janus_job_seconds", "Recent job run time by kind (EXECUTOR=local)", labels=["kind", "stat"]
+    )
+    worker_loaded = GaugeMetricFamily(
+        "janus_worker_model_loaded", "1 once the worker's model is loaded", labels=["worker"]
+    )
+    worker_memory = GaugeMetricFamily(
+        "janus_worker_gpu_memory_bytes", "GPU memory the worker allocated", labels=["worker"]
+    )
+    busy = GaugeMetricFamily(
+        "janus_worker_busy_slots", "Images the worker's jobs take of its slots", labels=["worker"]
+    )
     slots = GaugeMetricFamily("janus_worker_slots", "Images the worker runs at once", labels=["worker"])
-    worker_stuck = GaugeMetricFamily("janus_worker_gpu_stuck", "1 once the worker's GPU thread is stuck",
-                                     labels=["worker"])
+    worker_stuck = GaugeMetricFamily(
+        "janus_worker_gpu_stuck", "1 once the worker's GPU thread is stuck", labels=["worker"]
+    )
     done = CounterMetricFamily("janus_worker_jobs_done", "Jobs the worker finished", labels=["worker"])
-    worker_seconds = GaugeMetricFamily("janus_worker_job_seconds", "Recent job run time by worker and kind",
-                                       labels=["worker", "kind", "stat"])
+    worker_seconds = GaugeMetricFamily(
+        "janus_worker_job_seconds",
+        "Recent job run time by worker and kind",
+        labels=["worker", "kind", "stat"],
+    )
     if status is not None:
         backend = status.backend
         waiting.add_metric([], backend.waiting)
@@ -91,8 +100,24 @@ def families(status: Status | None) -> Iterator[Metric]:
                     worker_seconds.add_metric([worker.name, kind, stat], value)
                     if not backend.remote:
                         seconds.add_metric([kind, stat], value)
-    yield from (waiting, running, jobs_done, uptime, online, loaded, stuck, memory, seconds, worker_loaded,
-                worker_stuck, worker_memory, busy, slots, done, worker_seconds)
+    yield from (
+        waiting,
+        running,
+        jobs_done,
+        uptime,
+        online,
+        loaded,
+        stuck,
+        memory,
+        seconds,
+        worker_loaded,
+        worker_stuck,
+        worker_memory,
+        busy,
+        slots,
+        done,
+        worker_seconds,
+    )
 
 
 def serve_metrics(bot: JanusBot, port: int) -> None:

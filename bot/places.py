@@ -1,4 +1,5 @@
-"""Where the bot's commands appear: pinned to server installs, so that turning on User Install in the Developer
+"""Where the bot's commands appear: pinned to server installs, so that turning on User Install in the
+Developer
 Portal makes nothing user-installable by accident, and to the channels where each command works."""
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ def member_contexts(allow_dms: bool) -> app_commands.AppCommandContext:
     return app_commands.AppCommandContext(guild=True, dm_channel=allow_dms, private_channel=False)
 
 
-def pin(command: app_commands.Command | app_commands.ContextMenu | app_commands.Group, *,
-        contexts: app_commands.AppCommandContext) -> None:
+def pin(
+    command: app_commands.Command | app_commands.ContextMenu | app_commands.Group,
+    *,
+    contexts: app_commands.AppCommandContext,
+) -> None:
     """Install type and contexts of a top-level command, set before the tree syncs it."""
     command.allowed_installs = SERVER_INSTALL
     command.allowed_contexts = contexts

@@ -1,6 +1,7 @@
 """Prompts from a picture: the question /describe asks Janus when given no question, and the parsing of its
 answer into at most four short prompts. Models do not always follow the requested format (a small or random
-one writes anything), so the parser accepts the usual ways of numbering a list and drops what is not a prompt."""
+one writes anything), so the parser accepts the usual ways of numbering a list and drops what is not a
+prompt."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ QUESTION = (
     "Answer with a numbered list from 1 to 4, one prompt per line, and nothing else."
 )
 
-# Where a list item starts: "1. ", "2) ", "3: ", "**4.** ", "Prompt 1: ", "#1 - ", at a line start or after a space.
-_MARKER = re.compile(r"(?:^|(?<=\s))(?:\*\*|__)?(?:prompt\s*)?#?[1-9](?:\*\*|__)?\s*[.):\]-](?:\*\*|__)?\s+",
-                     re.IGNORECASE | re.MULTILINE)
+# Where a list item starts: "1. ", "2) ", "3: ", "**4.** ", "Prompt 1: ", "#1 - ", at a line start or after a
+# space.
+_MARKER = re.compile(
+    r"(?:^|(?<=\s))(?:\*\*|__)?(?:prompt\s*)?#?[1-9](?:\*\*|__)?\s*[.):\]-](?:\*\*|__)?\s+",
+    re.IGNORECASE | re.MULTILINE,
+)
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word of at least two letters, in any script
 _QUESTION_WORDS = frozenset(word.casefold() for word in _WORD.findall(QUESTION))
 
@@ -51,7 +55,8 @@ def clean_prompt(text: str) -> str:
 
 
 def looks_like_prompt(text: str) -> bool:
-    """At least three words, mostly letters and spaces, and not our question repeated: not a fragment, not token
+    """At least three words, mostly letters and spaces, and not our question repeated: not a fragment, not
+    token
     soup, not an echo."""
     words = [word.casefold() for word in _WORD.findall(text)]
     if len(words) < 3:

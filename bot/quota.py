@@ -43,14 +43,23 @@ class Quota:
         self._charging = asyncio.Lock()  # counting a member's requests and charging happen together
         self._reserved: Counter[int] = Counter()  # member id -> admitted requests not queued yet
         self._holding: dict[int, Charge] = {}  # id(charge) -> charge, for those
-        # The tasks serving admitted requests, until they end: a shutdown lets them deliver before logging out.
+        # The tasks serving admitted requests, until they end: a shutdown lets them deliver before
+        # logging out.
         self.in_flight: set[asyncio.Task[Any]] = set()
 
     async def policy(self, guild: discord.Guild | None) -> Policy:
         return self.defaults if guild is None else await self.bot.store.policy(guild.id, self.defaults)
 
-    async def admit(self, kind: Kind, *, guild: discord.Guild | None, channel: Place,
-                    user: discord.abc.User, text: str, typed: str | None = None) -> Charge:
+    async def admit(
+        self,
+        kind: Kind,
+        *,
+        guild: discord.Guild | None,
+        channel: Place,
+        user: discord.abc.User,
+        text: str,
+        typed: str | None = None,
+    ) -> Charge:
         """Charge one request or raise QuotaExceeded/BadPrompt with the text the member should see, before
         anything is downloaded or read. `text` is checked for banned words (check the rest of what the model
         will read, such as quoted messages and earlier turns, with `moderate` once it is read); `typed` is the
@@ -67,14 +76,21 @@ class Quota:
             raise QuotaExceeded("On this server, /imagine works only in age-restricted (NSFW) channels.")
         length = len(text if typed is None else typed)
         if length > policy.max_prompt_length:
-            raise BadPrompt(f"That's {length} characters; the limit here is {policy.max_prompt_length}. "
-                            "Please shorten it and try again.")
+            raise BadPrompt(
+                f"That's {length} characters; the limit here is {policy.max_prompt_length}. "
+                "Please shorten it and try again."
+            )
         await self.moderate(kind, [text], guild=guild, channel=channel, user=user, policy=policy)
         roles = [role.id for role in getattr(user, "roles", ())]
         async with self._charging:
             charge = await self.bot.store.charge(
-                guild.id if guild else 0, user.id, kind, now=discord.utils.utcnow(), policy=policy,
-                exempt=policy.exempts(roles), queued=self.bot.backend.jobs_of(user.id) + self._reserved[user.id],
+                guild.id if guild else 0,
+                user.id,
+                kind,
+                now=discord.utils.utcnow(),
+                policy=policy,
+                exempt=policy.exempts(roles),
+                queued=self.bot.backend.jobs_of(user.id) + self._reserved[user.id],
             )
             if charge.decision.allowed:
                 self._holding[id(charge)] = charge
@@ -101,8 +117,16 @@ class Quota:
         self.release(charge)
         await self.bot.store.refund(charge)
 
-    async def moderate(self, kind: Kind, texts: Iterable[str], *, guild: discord.Guild | None, channel: Place,
-                       user: discord.abc.User, policy: Policy | None = None) -> None:
+    async def moderate(
+        self,
+        kind: Kind,
+        texts: Iterable[str],
+        *,
+        guild: discord.Guild | None,
+        channel: Place,
+        user: discord.abc.User,
+        policy: Policy | None = None,
+    ) -> None:
         """Raise BadPrompt if any of `texts` (what the model will read) has one of the server's banned words,
         after telling the moderation log what was refused."""
         policy = policy or await self.policy(guild)
@@ -110,34 +134,57 @@ class Quota:
             if (word := banned_word_in(text, policy.banned_words)) is not None:
                 what = "/imagine" if kind == "imagine" else "question"
                 where = getattr(channel, "mention", "?")
-                await self._post_to_log(guild, policy, [
-                    f"**Refused {what}** by {user.mention} (`{user.id}`) in {where}: it contains “{quote(word, 40)}”",
-                    f"> {quote(text, 1000)}"])
+                await self._post_to_log(
+                    guild,
+                    policy,
+                    [
+                        f"**Refused {what}** by {user.mention} (`{user.id}`) in {where}: "
+                        f"it contains “{quote(word, 40)}”",
+                        f"> {quote(text, 1000)}",
+                    ],
+                )
                 raise BadPrompt(f"That contains “{quote(word, 40)}”, which this server doesn't allow.")
 
-    async def report(self, kind: Kind, *, guild: discord.Guild | None, channel: Place, user: discord.abc.User,
-                     text: str, result: discord.Message | None = None, answer: str | None = None,
-                     images: Sequence[Image.Image] = ()) -> None:
+    async def report(
+        self,
+        kind: Kind,
+        *,
+        guild: discord.Guild | None,
+        channel: Place,
+        user: discord.abc.User,
+        text: str,
+        result: discord.Message | None = None,
+        answer: str | None = None,
+        images: Sequence[Image.Image] = (),
+    ) -> None:
         """Post who asked what, where, and what came back, to the server's moderation log channel (if any)."""
         if guild is None:
             return
         what = "/imagine" if kind == "imagine" else "question"
-        lines = [f"**{what}** by {user.mention} (`{user.id}`) in {getattr(channel, 'mention', '?')}",
-                 f"> {quote(text, 1000)}"]
+        lines = [
+            f"**{what}** by {user.mention} (`{user.id}`) in {getattr(channel, 'mention', '?')}",
+            f"> {quote(text, 1000)}",
+        ]
         if answer is not None:
             lines.append(f"Answer: {quote(answer, 700)}")
         if result is not None:
             lines.append(f"Result: {result.jump_url}")
         await self._post_to_log(guild, await self.policy(guild), lines, images)
 
-    async def _post_to_log(self, guild: discord.Guild | None, policy: Policy, lines: list[str],
-                           images: Sequence[Image.Image] = ()) -> None:
+    async def _post_to_log(
+        self,
+        guild: discord.Guild | None,
+        policy: Policy,
+        lines: list[str],
+        images: Sequence[Image.Image] = (),
+    ) -> None:
         target = guild.get_channel(policy.log_channel_id) if guild and policy.log_channel_id else None
         if guild is None or not isinstance(target, discord.abc.Messageable):
             return
         groups = await image_files(images, "log", limit=upload_limit(guild)) if images else [[]]
         try:
-            await target.send("\n".join(lines)[:2000], files=groups[0],
-                              allowed_mentions=discord.AllowedMentions.none())
+            await target.send(
+                "\n".join(lines)[:2000], files=groups[0], allowed_mentions=discord.AllowedMentions.none()
+            )
         except discord.HTTPException as error:
             log.warning("Could not post to the moderation log of %s: %s", guild.id, error)

@@ -16,59 +16,119 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 class Settings(BaseSettings):
     """The bot's configuration. Field names map to upper-case environment variables."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+    )
 
     # Discord
-    discord_token: SecretStr | None = Field(None, description="Bot token from the Developer Portal")
-    discord_api_base: str = Field(DEFAULT_API_BASE, description="Where REST calls go (a proxy or emulator may stand in)")
-    discord_gateway_url: str | None = Field(None, description="Gateway URL; unset = ask GET /gateway/bot")
-    dev_guild_id: int | None = Field(None, description="Also sync commands to this server for instant updates")
-    allow_dms: bool = Field(False, description="Answer in direct messages (under the default limits)")
+    discord_token: SecretStr | None = Field(default=None, description="Bot token from the Developer Portal")
+    discord_api_base: str = Field(
+        default=DEFAULT_API_BASE, description="Where REST calls go (a proxy or emulator may stand in)"
+    )
+    discord_gateway_url: str | None = Field(
+        default=None, description="Gateway URL; unset = ask GET /gateway/bot"
+    )
+    dev_guild_id: int | None = Field(
+        default=None, description="Also sync commands to this server for instant updates"
+    )
+    allow_dms: bool = Field(default=False, description="Answer in direct messages (under the default limits)")
 
     # Model
-    janus_model: str = Field("deepseek-community/Janus-Pro-7B", description="Hub id or local directory")
-    janus_device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    janus_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bf16 on GPU")
-    compile: bool = Field(False, description="torch.compile the image decode step on GPU")
-    max_answer_tokens: int = Field(512, ge=1, le=4096, description="Longest answer, in tokens")
-    max_batch_images: int = Field(16, ge=1, le=64, description="Images generated together across requests")
+    janus_model: str = Field(
+        default="deepseek-community/Janus-Pro-7B", description="Hub id or local directory"
+    )
+    janus_device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    janus_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto = bf16 on GPU"
+    )
+    compile: bool = Field(default=False, description="torch.compile the image decode step on GPU")
+    max_answer_tokens: int = Field(default=512, ge=1, le=4096, description="Longest answer, in tokens")
+    max_batch_images: int = Field(
+        default=16, ge=1, le=64, description="Images generated together across requests"
+    )
 
     # Upscaler
-    upscaler_weights: str = Field("weights/RealESRGAN_x2.pth", description="Real-ESRGAN .pth/.safetensors or 'none'")
-    upscaler_tile: int = Field(512, ge=64, description="Tile side in pixels above which images are tiled")
+    upscaler_weights: str = Field(
+        default="weights/RealESRGAN_x2.pth", description="Real-ESRGAN .pth/.safetensors or 'none'"
+    )
+    upscaler_tile: int = Field(
+        default=512, ge=64, description="Tile side in pixels above which images are tiled"
+    )
 
     # Service
-    data_dir: Path = Field(Path("./data"), description="Where the usage database lives")
-    images_per_prompt: int = Field(4, ge=1, le=10, description="Images per /imagine unless the member asks otherwise")
-    queue_size: int = Field(16, ge=1, description="Jobs waiting for the GPU before new ones are refused")
-    job_timeout_seconds: float = Field(600.0, gt=0, description="A job running longer than this is abandoned")
-    gpu_stuck_seconds: float = Field(120.0, gt=0,
-                                     description="An abandoned job still on the GPU after this: stop and exit")
-    max_attachment_mb: float = Field(10.0, gt=0, description="Largest image attachment accepted, in MiB")
-    decode_concurrency: int = Field(2, ge=1, le=64, description="Images downloaded and decoded at once")
-    status_update_seconds: float = Field(1.0, ge=0, description="Least time between edits of a live status")
-    preview_seconds: float = Field(3.0, ge=0, description="How often /imagine shows the rows drawn so far")
-    vary_keep_rows: int | None = Field(None, ge=1, description="Token rows Vary keeps from the top; unset = a third")
-    interaction_token_seconds: float = Field(840.0, gt=0, le=900,
-                                             description="Use a command's reply this long, then post in the channel")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity")
-    log_format: Literal["text", "json"] = Field("text", description="json = one JSON object per log line")
-    metrics_port: int | None = Field(None, ge=1, le=65535, description="Serve Prometheus metrics on this port")
+    data_dir: Path = Field(default=Path("./data"), description="Where the usage database lives")
+    images_per_prompt: int = Field(
+        default=4, ge=1, le=10, description="Images per /imagine unless the member asks otherwise"
+    )
+    queue_size: int = Field(
+        default=16, ge=1, description="Jobs waiting for the GPU before new ones are refused"
+    )
+    job_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="A job running longer than this is abandoned"
+    )
+    gpu_stuck_seconds: float = Field(
+        default=120.0, gt=0, description="An abandoned job still on the GPU after this: stop and exit"
+    )
+    max_attachment_mb: float = Field(
+        default=10.0, gt=0, description="Largest image attachment accepted, in MiB"
+    )
+    decode_concurrency: int = Field(
+        default=2, ge=1, le=64, description="Images downloaded and decoded at once"
+    )
+    status_update_seconds: float = Field(
+        default=1.0, ge=0, description="Least time between edits of a live status"
+    )
+    preview_seconds: float = Field(
+        default=3.0, ge=0, description="How often /imagine shows the rows drawn so far"
+    )
+    vary_keep_rows: int | None = Field(
+        default=None, ge=1, description="Token rows Vary keeps from the top; unset = a third"
+    )
+    interaction_token_seconds: float = Field(
+        default=840.0, gt=0, le=900, description="Use a command's reply this long, then post in the channel"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Logging verbosity"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json = one JSON object per log line"
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port"
+    )
 
     # Scale-out: GPU workers elsewhere, through Redis
-    executor: Literal["local", "redis"] = Field("local", description="local = this process's GPU; redis = workers")
-    redis_url: SecretStr | None = Field(None, description="redis://[:password@]host:6379/0 (rediss:// for TLS)")
-    worker_lease_seconds: float = Field(30.0, gt=0, description="A silent worker's jobs go to another after this")
-    worker_slots: int | None = Field(None, ge=1, description="Images a worker starts at once; unset = MAX_BATCH_IMAGES")
-    result_ttl_seconds: int = Field(3600, ge=1, description="How long results and job events stay in Redis")
+    executor: Literal["local", "redis"] = Field(
+        default="local", description="local = this process's GPU; redis = workers"
+    )
+    redis_url: SecretStr | None = Field(
+        default=None, description="redis://[:password@]host:6379/0 (rediss:// for TLS)"
+    )
+    worker_lease_seconds: float = Field(
+        default=30.0, gt=0, description="A silent worker's jobs go to another after this"
+    )
+    worker_slots: int | None = Field(
+        default=None, ge=1, description="Images a worker starts at once; unset = MAX_BATCH_IMAGES"
+    )
+    result_ttl_seconds: int = Field(
+        default=3600, ge=1, description="How long results and job events stay in Redis"
+    )
 
     # Default per-server limits (admins override them per server)
-    generations_per_user: int = Field(20, ge=0, description="/imagine requests per member per UTC day")
-    questions_per_user: int = Field(50, ge=0, description="Questions per member per UTC day")
-    generations_per_server: int = Field(500, ge=0, description="/imagine requests per server per UTC day")
-    cooldown_seconds: int = Field(0, ge=0, description="Seconds between a member's requests")
-    max_queued_per_user: int = Field(2, ge=0, description="A member's jobs waiting or running at once")
-    max_prompt_length: int = Field(500, ge=1, le=2000, description="Longest prompt or question, in characters")
+    generations_per_user: int = Field(
+        default=20, ge=0, description="/imagine requests per member per UTC day"
+    )
+    questions_per_user: int = Field(default=50, ge=0, description="Questions per member per UTC day")
+    generations_per_server: int = Field(
+        default=500, ge=0, description="/imagine requests per server per UTC day"
+    )
+    cooldown_seconds: int = Field(default=0, ge=0, description="Seconds between a member's requests")
+    max_queued_per_user: int = Field(
+        default=2, ge=0, description="A member's jobs waiting or running at once"
+    )
+    max_prompt_length: int = Field(
+        default=500, ge=1, le=2000, description="Longest prompt or question, in characters"
+    )
 
     @field_validator("janus_device")
     @classmethod

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from bot.client import JanusBot
 
-STUCK = ("⚠️ **The GPU is stuck**: a timed-out job never gave it back. No work is taken; the bot is exiting "
-         "to be restarted.")
+STUCK = (
+    "⚠️ **The GPU is stuck**: a timed-out job never gave it back. No work is taken; the bot is exiting "
+    "to be restarted."
+)
 Timings = dict[str, tuple[int, float, float]]  # kind -> (recent jobs, mean seconds, 95th percentile seconds)
 
 
@@ -59,8 +61,11 @@ class Status:
 
 async def current(bot: JanusBot) -> Status:
     """The figures now, from the bot and its backend."""
-    return Status(model=bot.settings.janus_model, uptime_seconds=time.perf_counter() - bot.started_at,
-                  backend=await bot.backend.status())
+    return Status(
+        model=bot.settings.janus_model,
+        uptime_seconds=time.perf_counter() - bot.started_at,
+        backend=await bot.backend.status(),
+    )
 
 
 def render(status: Status) -> str:
@@ -68,25 +73,35 @@ def render(status: Status) -> str:
     backend = status.backend
     hours, rest = divmod(int(status.uptime_seconds), 3600)
     uptime = f"**Uptime** {hours} h {rest // 60} min"
-    queue = (f"**Queue** {backend.waiting} waiting, {backend.running} running · "
-             f"**jobs done** {status.jobs_done}")
+    queue = (
+        f"**Queue** {backend.waiting} waiting, {backend.running} running · **jobs done** {status.jobs_done}"
+    )
     if not backend.remote:
         [me] = backend.workers
         stuck = [STUCK] if me.gpu_stuck else []
-        return "\n".join([
-            *stuck,
-            f"**Model** `{status.model}` on {me.device} ({me.dtype})" + ("" if me.loaded else " — loading…"),
-            queue, f"{uptime} · **GPU memory** {memory(me.gpu_memory_bytes)}", *timing_lines(me.timings)])
+        return "\n".join(
+            [
+                *stuck,
+                f"**Model** `{status.model}` on {me.device} ({me.dtype})"
+                + ("" if me.loaded else " — loading…"),
+                queue,
+                f"{uptime} · **GPU memory** {memory(me.gpu_memory_bytes)}",
+                *timing_lines(me.timings),
+            ]
+        )
     online = len(backend.workers)
     lines = [f"**Model** `{status.model}` · **GPU workers** {online} online (through Redis)", queue, uptime]
     if not online:
-        lines.append("⚠️ **No GPU worker has been seen for a lease period**: requests wait in the queue "
-                     "until one comes online (`python -m bot worker`).")
+        lines.append(
+            "⚠️ **No GPU worker has been seen for a lease period**: requests wait in the queue "
+            "until one comes online (`python -m bot worker`)."
+        )
     for worker in backend.workers:
-        lines.append(f"**`{worker.name}`** `{worker.model}` on {worker.device} ({worker.dtype}) · "
-                     f"{worker.busy}/{worker.slots} slots busy · {worker.jobs_done} jobs done · "
-                     f"GPU memory {memory(worker.gpu_memory_bytes)}"
-                     + (" · ⚠️ GPU stuck" if worker.gpu_stuck else ""))
+        lines.append(
+            f"**`{worker.name}`** `{worker.model}` on {worker.device} ({worker.dtype}) · "
+            f"{worker.busy}/{worker.slots} slots busy · {worker.jobs_done} jobs done · "
+            f"GPU memory {memory(worker.gpu_memory_bytes)}" + (" · ⚠️ GPU stuck" if worker.gpu_stuck else "")
+        )
         lines.extend(f"  {line}" for line in timing_lines(worker.timings))
     return "\n".join(lines)[:2000]
 
@@ -96,5 +111,7 @@ def memory(allocated: int | None) -> str:
 
 
 def timing_lines(timings: Timings) -> list[str]:
-    return [f"`{kind}`: {count} recent, average {mean:.2f} s, p95 {p95:.2f} s"
-            for kind, (count, mean, p95) in sorted(timings.items())]
+    return [
+        f"`{kind}`: {count} recent, average {mean:.2f} s, p95 {p95:.2f} s"
+        for kind, (count, mean, p95) in sorted(timings.items())
+    ]

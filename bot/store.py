@@ -140,11 +140,20 @@ class UsageStore:
         """Remember a gallery and each image's tokens; returns its id (what its buttons carry)."""
         async with self._transaction() as db:
             async with db.execute(
-                "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, "
-                "parent_id, parent_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (gallery.guild_id, gallery.requester_id, gallery.prompt, gallery.count, gallery.guidance,
-                 gallery.temperature, gallery.seed, pack_tokens(gallery.keep), gallery.parent_id,
-                 gallery.parent_index),
+                "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed, "
+                "keep, parent_id, parent_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    gallery.guild_id,
+                    gallery.requester_id,
+                    gallery.prompt,
+                    gallery.count,
+                    gallery.guidance,
+                    gallery.temperature,
+                    gallery.seed,
+                    pack_tokens(gallery.keep),
+                    gallery.parent_id,
+                    gallery.parent_index,
+                ),
             ) as cursor:
                 gallery_id = int(cursor.lastrowid or 0)
             async with db.executemany(
@@ -157,7 +166,9 @@ class UsageStore:
         async with self._transaction("BEGIN") as db:
             rows = await db.execute_fetchall(
                 "SELECT guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, parent_id, "
-                "parent_index FROM galleries WHERE id = ?", (gallery_id,))
+                "parent_index FROM galleries WHERE id = ?",
+                (gallery_id,),
+            )
         if not rows:
             return None
         *fields, keep, parent_id, parent_index = rows[0]
@@ -167,15 +178,22 @@ class UsageStore:
         """The tokens image `index` (0-based) of a gallery was decoded from; None if unknown."""
         async with self._transaction("BEGIN") as db:
             rows = await db.execute_fetchall(
-                "SELECT tokens FROM gallery_images WHERE gallery_id = ? AND idx = ?", (gallery_id, index))
+                "SELECT tokens FROM gallery_images WHERE gallery_id = ? AND idx = ?", (gallery_id, index)
+            )
         return unpack_tokens(rows[0][0]) if rows else None
 
-    async def add_gallery_messages(self, gallery_id: int, channel_id: int, message_ids: Sequence[int]) -> None:
+    async def add_gallery_messages(
+        self, gallery_id: int, channel_id: int, message_ids: Sequence[int]
+    ) -> None:
         """Remember the messages (in one channel) a gallery was posted in."""
         rows = [(gallery_id, channel_id, message_id) for message_id in message_ids]
-        async with self._transaction() as db, db.executemany(
-            "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
-            "ON CONFLICT DO NOTHING", rows,
+        async with (
+            self._transaction() as db,
+            db.executemany(
+                "INSERT INTO gallery_messages (gallery_id, channel_id, message_id) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            ),
         ):
             pass  # the cursor closes here: an open one would keep the WAL from being checkpointed at close
 
@@ -183,8 +201,10 @@ class UsageStore:
         """(channel id, message id) of each message a gallery was posted in, oldest first."""
         async with self._transaction("BEGIN") as db:
             rows = await db.execute_fetchall(
-                "SELECT channel_id, message_id FROM gallery_messages WHERE gallery_id = ? ORDER BY message_id",
-                (gallery_id,))
+                "SELECT channel_id, message_id FROM gallery_messages WHERE gallery_id = ? "
+                "ORDER BY message_id",
+                (gallery_id,),
+            )
         return [(channel_id, message_id) for channel_id, message_id in rows]
 
     # Prompts suggested by /describe
@@ -203,7 +223,9 @@ class UsageStore:
 
     async def suggested_prompt(self, prompt_id: int) -> str | None:
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall("SELECT prompt FROM suggested_prompts WHERE id = ?", (prompt_id,))
+            rows = await db.execute_fetchall(
+                "SELECT prompt FROM suggested_prompts WHERE id = ?", (prompt_id,)
+            )
         return rows[0][0] if rows else None
 
     # Limits
@@ -274,19 +296,25 @@ class UsageStore:
     async def add_to_list(self, guild_id: int, list_name: ListName, value: int | str) -> bool:
         """Add a channel id, role id or word (stored case-folded); False if it was already there."""
         table, column = _list_table(list_name)
-        async with self._transaction() as db, db.execute(
-            f"INSERT INTO {table} (guild_id, {column}) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (guild_id, _list_value(list_name, value)),
-        ) as cursor:
+        async with (
+            self._transaction() as db,
+            db.execute(
+                f"INSERT INTO {table} (guild_id, {column}) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (guild_id, _list_value(list_name, value)),
+            ) as cursor,
+        ):
             return cursor.rowcount > 0
 
     async def remove_from_list(self, guild_id: int, list_name: ListName, value: int | str) -> bool:
         """Remove a channel id, role id or word; False if it was not there."""
         table, column = _list_table(list_name)
-        async with self._transaction() as db, db.execute(
-            f"DELETE FROM {table} WHERE guild_id = ? AND {column} = ?",
-            (guild_id, _list_value(list_name, value)),
-        ) as cursor:
+        async with (
+            self._transaction() as db,
+            db.execute(
+                f"DELETE FROM {table} WHERE guild_id = ? AND {column} = ?",
+                (guild_id, _list_value(list_name, value)),
+            ) as cursor,
+        ):
             return cursor.rowcount > 0
 
     # Usage

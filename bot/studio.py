@@ -26,7 +26,9 @@ T = TypeVar("T")
 
 OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
 OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
-OUT_OF_MEMORY_ASKING = "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
+OUT_OF_MEMORY_ASKING = (
+    "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
+)
 
 
 class Studio:
@@ -39,28 +41,41 @@ class Studio:
     def load(cls, settings: Settings, *, preview_seconds: float | None = None) -> Studio:
         """Load the upscaler, then Janus, turning every way this can fail into one StartupError line.
 
-        The small upscaler goes first, so a bad UPSCALER_WEIGHTS is reported before minutes of model loading."""
+        The small upscaler goes first, so a bad UPSCALER_WEIGHTS is reported before minutes of model
+        loading."""
         try:
             device = resolve_device(settings.janus_device)
         except RuntimeError as error:  # JANUS_DEVICE=cuda without a GPU: name that setting, not JANUS_MODEL
             raise StartupError(str(error)) from None
         if _is_missing_directory(settings.janus_model):
-            raise StartupError(f"JANUS_MODEL: {settings.janus_model} does not exist; set JANUS_MODEL to a "
-                               "downloaded model directory or a hub id such as deepseek-community/Janus-Pro-7B")
+            raise StartupError(
+                f"JANUS_MODEL: {settings.janus_model} does not exist; set JANUS_MODEL to a "
+                "downloaded model directory or a hub id such as deepseek-community/Janus-Pro-7B"
+            )
         upscaler = None
         if settings.upscaling_enabled:
             try:
-                upscaler = Upscaler.load(settings.upscaler_weights, device=device, half=device.type == "cuda",
-                                         tile=settings.upscaler_tile)
+                upscaler = Upscaler.load(
+                    settings.upscaler_weights,
+                    device=device,
+                    half=device.type == "cuda",
+                    tile=settings.upscaler_tile,
+                )
             except UpscalerError as error:
                 raise StartupError(str(error)) from None
         try:
-            engine = JanusEngine.load(settings.janus_model, device=settings.janus_device,
-                                      dtype=settings.janus_dtype, preview_seconds=preview_seconds,
-                                      compile=settings.compile)
+            engine = JanusEngine.load(
+                settings.janus_model,
+                device=settings.janus_device,
+                dtype=settings.janus_dtype,
+                preview_seconds=preview_seconds,
+                compile=settings.compile,
+            )
         except Exception as error:  # noqa: BLE001 - hub errors, missing files, bad configs, CUDA...
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise StartupError(f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}") from error
+            raise StartupError(
+                f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}"
+            ) from error
         studio = cls(engine, upscaler)
         if settings.compile:
             studio.warm_up(settings.max_batch_images)
@@ -80,8 +95,11 @@ class Studio:
         """Device, dtype and GPU memory in use, for /status and metrics."""
         device = self.engine.device
         memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        return {"device": str(device), "dtype": str(self.engine.dtype).removeprefix("torch."),
-                "gpu_memory_bytes": memory}
+        return {
+            "device": str(device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "gpu_memory_bytes": memory,
+        }
 
     @property
     def output_size(self) -> int:
@@ -94,17 +112,21 @@ class Studio:
             raise result
         return result
 
-    def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter]) -> list[str | BaseException]:
+    def ask_batch(
+        self, requests: Sequence[AskRequest], reports: Sequence[Reporter]
+    ) -> list[str | BaseException]:
         """Answer several questions together (see `_in_batch_or_alone` for failures)."""
         return self._in_batch_or_alone(self.engine.ask_batch, requests, reports, OUT_OF_MEMORY_ASKING)
 
-    def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter]) -> list[list[Drawing] | BaseException]:
+    def imagine_batch(
+        self, requests: Sequence[ImagineRequest], reports: Sequence[Reporter]
+    ) -> list[list[Drawing] | BaseException]:
         """Draw and upscale several requests together (see `_in_batch_or_alone` for failures)."""
         return self._in_batch_or_alone(self._imagine_and_upscale, requests, reports, OUT_OF_MEMORY)
 
     def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
-        """One gallery image at twice the gallery's side: decoded from its tokens, upscaled as the gallery was,
+        """One gallery image at twice the gallery's side: decoded from its tokens, upscaled as the
+        gallery was,
         then upscaled again (tiled as needed)."""
         if self.upscaler is None:
             raise JobFailed("Upscaling is turned off on this bot.")
@@ -122,10 +144,17 @@ class Studio:
             free_gpu_memory()
             raise JobFailed(OUT_OF_MEMORY_UPSCALING) from None
 
-    def _in_batch_or_alone(self, run: Callable[[Sequence[R], Sequence[Reporter]], list[T]], requests: Sequence[R],
-                           reports: Sequence[Reporter], out_of_memory: str) -> list[T | BaseException]:
-        """Run requests as one batch. On GPU out-of-memory, retry each request alone once; a request that still
-        does not fit gets a clear error while the others are delivered. Any other failure of a batch is retried
+    def _in_batch_or_alone(
+        self,
+        run: Callable[[Sequence[R], Sequence[Reporter]], list[T]],
+        requests: Sequence[R],
+        reports: Sequence[Reporter],
+        out_of_memory: str,
+    ) -> list[T | BaseException]:
+        """Run requests as one batch. On GPU out-of-memory, retry each request alone once; a request
+        that still
+        does not fit gets a clear error while the others are delivered. Any other failure of a batch
+        is retried
         the same way, so it reaches only the requests that cause it."""
         try:
             return list(run(requests, reports))
@@ -141,7 +170,7 @@ class Studio:
         results: list[T | BaseException] = []
         for index, request in enumerate(requests):
             try:
-                results.extend(run([request], reports[index:index + 1]))
+                results.extend(run([request], reports[index : index + 1]))
             except torch.OutOfMemoryError:
                 free_gpu_memory()
                 results.append(JobFailed(out_of_memory))
@@ -151,13 +180,16 @@ class Studio:
                 results.append(error)
         return results
 
-    def _imagine_and_upscale(self, requests: Sequence[ImagineRequest],
-                             reports: Sequence[Reporter]) -> list[list[Drawing]]:
+    def _imagine_and_upscale(
+        self, requests: Sequence[ImagineRequest], reports: Sequence[Reporter]
+    ) -> list[list[Drawing]]:
         galleries = self.engine.imagine_batch(requests, reports)
         if self.upscaler is None:
             return galleries
         flat = iter(self.upscaler.upscale([drawing.image for gallery in galleries for drawing in gallery]))
-        return [[dataclasses.replace(drawing, image=next(flat)) for drawing in gallery] for gallery in galleries]
+        return [
+            [dataclasses.replace(drawing, image=next(flat)) for drawing in gallery] for gallery in galleries
+        ]
 
 
 def _is_missing_directory(name: str) -> bool:

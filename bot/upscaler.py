@@ -16,7 +16,8 @@ from spandrel import ImageModelDescriptor, ModelLoader
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path("weights/RealESRGAN_x2.pth")
-# Where the default file comes from when it is missing: ai-forever's Real-ESRGAN release on the Hugging Face hub.
+# Where the default file comes from when it is missing: ai-forever's Real-ESRGAN release on the Hugging Face
+# hub.
 DEFAULT_REPO, DEFAULT_FILENAME = "ai-forever/Real-ESRGAN", "RealESRGAN_x2.pth"
 
 
@@ -48,22 +49,27 @@ class Upscaler:
         self.scale: int = model.scale
 
     @classmethod
-    def load(cls, path: str | Path, *, device: torch.device | str = "cpu", half: bool = False,
-             tile: int = 512) -> Upscaler:
+    def load(
+        cls, path: str | Path, *, device: torch.device | str = "cpu", half: bool = False, tile: int = 512
+    ) -> Upscaler:
         """Load weights with spandrel and check they describe a 2x or 4x image upscaler."""
         path = Path(path)
         if not path.is_file():
             if path == DEFAULT_WEIGHTS:
                 fetch_default_weights(path)
             else:
-                raise UpscalerError(f"UPSCALER_WEIGHTS: {path} does not exist; see weights/README.md, "
-                                    "or set UPSCALER_WEIGHTS=none to turn upscaling off.")
+                raise UpscalerError(
+                    f"UPSCALER_WEIGHTS: {path} does not exist; see weights/README.md, "
+                    "or set UPSCALER_WEIGHTS=none to turn upscaling off."
+                )
         started = time.perf_counter()
         try:
             model = ModelLoader(device=torch.device(device)).load_from_file(path)
         except Exception as error:  # noqa: BLE001 - spandrel raises many kinds for files it cannot read
-            raise UpscalerError(f"UPSCALER_WEIGHTS: {path} is not a model spandrel can load "
-                                f"({error or type(error).__name__}); use a Real-ESRGAN x2 or x4 file") from None
+            raise UpscalerError(
+                f"UPSCALER_WEIGHTS: {path} is not a model spandrel can load "
+                f"({error or type(error).__name__}); use a Real-ESRGAN x2 or x4 file"
+            ) from None
         if not isinstance(model, ImageModelDescriptor) or model.scale not in (2, 4):
             kind = getattr(model, "architecture", None)
             raise UpscalerError(
@@ -73,8 +79,13 @@ class Upscaler:
         model.eval()
         if half and model.supports_half:
             model.half()
-        log.info("Loaded upscaler %s (%s x%d) in %.2fs", path, model.architecture.name, model.scale,
-                 time.perf_counter() - started)
+        log.info(
+            "Loaded upscaler %s (%s x%d) in %.2fs",
+            path,
+            model.architecture.name,
+            model.scale,
+            time.perf_counter() - started,
+        )
         return cls(model, tile=tile)
 
     @property
@@ -93,14 +104,17 @@ class Upscaler:
         for index, image in enumerate(images):
             by_size.setdefault(image.size, []).append(index)
         for indices in by_size.values():
-            batch = torch.stack([to_tensor(images[i]) for i in indices]).to(self.device, self.dtype)  # [N,3,H,W]
+            batch = torch.stack([to_tensor(images[i]) for i in indices]).to(
+                self.device, self.dtype
+            )  # [N,3,H,W]
             output = self.upscale_tensor(batch)  # [N, 3, sH, sW]
             for i, tensor in zip(indices, output, strict=True):
                 results[i] = to_image(tensor)
         return [results[i] for i in range(len(images))]
 
     def enlarge(self, image: Image.Image, factor: int = 2) -> Image.Image:
-        """`image` at `factor` times its side: the model run again on it (tiled above the tile size) until it is
+        """`image` at `factor` times its side: the model run again on it (tiled above the tile size)
+        until it is
         at least that large, then resized down to exactly that size when the model's scale overshoots."""
         target = (image.width * factor, image.height * factor)
         while image.width < target[0] or image.height < target[1]:
@@ -112,7 +126,8 @@ class Upscaler:
         _, _, height, width = x.shape
         if max(height, width) <= self.tile:
             return self.model(x)
-        # Tile edges inside the image sit on the model's size grid (x2 models pixel-unshuffle by 2 and spandrel
+        # Tile edges inside the image sit on the model's size grid (x2 models pixel-unshuffle by 2 and
+        # spandrel
         # pads to a multiple of 4), so each tile sees the pixels in the same phase as the whole image would.
         s, grid = self.scale, self.model.size_requirements.multiple_of
         overlap = -(-self.overlap // grid) * grid  # rounded up to the grid
@@ -126,9 +141,9 @@ class Upscaler:
                 tile = self.model(x[:, :, y0:y1, x0:x1])  # [N, 3, s(y1-y0), s(x1-x0)]
                 core_h, core_w = min(step, height - top), min(step, width - left)
                 oy, ox = (top - y0) * s, (left - x0) * s
-                out[:, :, top * s:(top + core_h) * s, left * s:(left + core_w) * s] = (
-                    tile[:, :, oy:oy + core_h * s, ox:ox + core_w * s]
-                )
+                out[:, :, top * s : (top + core_h) * s, left * s : (left + core_w) * s] = tile[
+                    :, :, oy : oy + core_h * s, ox : ox + core_w * s
+                ]
         return out
 
 

@@ -27,17 +27,24 @@ class ManagersOnly(app_commands.Group):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         permissions = interaction.permissions
         if interaction.guild is None or not (permissions.manage_guild or permissions.administrator):
-            raise app_commands.CheckFailure("Only members with the Manage Server permission can change limits.")
+            raise app_commands.CheckFailure(
+                "Only members with the Manage Server permission can change limits."
+            )
         return True
 
 
 class Admin(commands.Cog):
     """Per-server limits, moderated by each server's own admins."""
 
-    limits = ManagersOnly(name="limits", description="This server's usage limits", guild_only=True,
-                          default_permissions=discord.Permissions(manage_guild=True))
-    channels = ManagersOnly(name="channel", description="Channels where the bot answers (none = all)",
-                            parent=limits)
+    limits = ManagersOnly(
+        name="limits",
+        description="This server's usage limits",
+        guild_only=True,
+        default_permissions=discord.Permissions(manage_guild=True),
+    )
+    channels = ManagersOnly(
+        name="channel", description="Channels where the bot answers (none = all)", parent=limits
+    )
     roles = ManagersOnly(name="exempt-role", description="Roles free of the member limits", parent=limits)
     words = ManagersOnly(name="banned-word", description="Words refused in prompts", parent=limits)
 
@@ -63,23 +70,26 @@ class Admin(commands.Cog):
         channels = ", ".join(f"<#{c}>" for c in sorted(policy.allowed_channels)) or "all channels"
         roles = ", ".join(f"<@&{r}>" for r in sorted(policy.exempt_roles)) or "none"
         words = ", ".join(f"`{quote(w, 40)}`" for w in sorted(policy.banned_words)) or "none"
-        text = "\n".join([
-            f"{note}\n" if note else "",
-            f"**Limits on {quote(interaction.guild.name, 100)}** (per UTC day; resets in "
-            f"{format_duration(resets_in(discord.utils.utcnow()))})",
-            line("generations_per_user", policy.generations_per_user),
-            line("questions_per_user", policy.questions_per_user),
-            line("generations_per_server", policy.generations_per_server),
-            line("cooldown_seconds", policy.cooldown_seconds, " s"),
-            line("max_queued_per_user", policy.max_queued_per_user),
-            line("max_prompt_length", policy.max_prompt_length, " characters"),
-            f"Channels: {channels}",
-            f"Exempt roles: {roles}",
-            f"Banned words: {words}",
-            f"/imagine only in age-restricted channels: {'yes' if policy.nsfw_only else 'no'}",
-            f"Moderation log: {f'<#{policy.log_channel_id}>' if policy.log_channel_id else 'off'}",
-            f"Today: {usage.server_generations}/{policy.generations_per_server} generations on this server.",
-        ]).strip()
+        text = "\n".join(
+            [
+                f"{note}\n" if note else "",
+                f"**Limits on {quote(interaction.guild.name, 100)}** (per UTC day; resets in "
+                f"{format_duration(resets_in(discord.utils.utcnow()))})",
+                line("generations_per_user", policy.generations_per_user),
+                line("questions_per_user", policy.questions_per_user),
+                line("generations_per_server", policy.generations_per_server),
+                line("cooldown_seconds", policy.cooldown_seconds, " s"),
+                line("max_queued_per_user", policy.max_queued_per_user),
+                line("max_prompt_length", policy.max_prompt_length, " characters"),
+                f"Channels: {channels}",
+                f"Exempt roles: {roles}",
+                f"Banned words: {words}",
+                f"/imagine only in age-restricted channels: {'yes' if policy.nsfw_only else 'no'}",
+                f"Moderation log: {f'<#{policy.log_channel_id}>' if policy.log_channel_id else 'off'}",
+                f"Today: {usage.server_generations}/{policy.generations_per_server} generations "
+                "on this server.",
+            ]
+        ).strip()
         await reply_privately(interaction, text[:2000])
 
     @limits.command(name="show")
@@ -97,18 +107,29 @@ class Admin(commands.Cog):
         max_prompt_length="Longest prompt or question, in characters",
     )
     async def limits_set(
-        self, interaction: discord.Interaction, generations_per_user: Count | None = None,
-        questions_per_user: Count | None = None, generations_per_server: Count | None = None,
-        cooldown_seconds: Count | None = None, max_queued_per_user: Count | None = None,
+        self,
+        interaction: discord.Interaction,
+        generations_per_user: Count | None = None,
+        questions_per_user: Count | None = None,
+        generations_per_server: Count | None = None,
+        cooldown_seconds: Count | None = None,
+        max_queued_per_user: Count | None = None,
         max_prompt_length: app_commands.Range[int, 1, 2000] | None = None,
     ) -> None:
         """Change some of this server's limits; options left out stay as they are."""
         assert interaction.guild is not None
-        values = {name: value for name, value in {
-            "generations_per_user": generations_per_user, "questions_per_user": questions_per_user,
-            "generations_per_server": generations_per_server, "cooldown_seconds": cooldown_seconds,
-            "max_queued_per_user": max_queued_per_user, "max_prompt_length": max_prompt_length,
-        }.items() if value is not None}
+        values = {
+            name: value
+            for name, value in {
+                "generations_per_user": generations_per_user,
+                "questions_per_user": questions_per_user,
+                "generations_per_server": generations_per_server,
+                "cooldown_seconds": cooldown_seconds,
+                "max_queued_per_user": max_queued_per_user,
+                "max_prompt_length": max_prompt_length,
+            }.items()
+            if value is not None
+        }
         if not values:
             await reply_privately(interaction, "Nothing to change: give at least one option.")
             return
@@ -132,15 +153,20 @@ class Admin(commands.Cog):
 
     @limits.command(name="log")
     @app_commands.describe(channel="Where every generation and question is posted (leave out to turn off)")
-    async def limits_log(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+    async def limits_log(
+        self, interaction: discord.Interaction, channel: discord.TextChannel | None = None
+    ) -> None:
         """Post every generation and question to a moderation channel, or stop doing so."""
         assert interaction.guild is not None
         if channel is not None:  # a private moderators' channel may be closed to the bot too
             have = channel.permissions_for(interaction.guild.me)
             missing = [name.replace("_", " ").title() for name in LOG_PERMISSIONS if not getattr(have, name)]
             if missing:
-                await reply_privately(interaction, f"I can't post in {channel.mention}: please give me "
-                                                   f"{', '.join(missing)} there, then run this again.")
+                await reply_privately(
+                    interaction,
+                    f"I can't post in {channel.mention}: please give me "
+                    f"{', '.join(missing)} there, then run this again.",
+                )
                 return
         await self.bot.store.set_log_channel(interaction.guild.id, channel.id if channel else None)
         await self.show_limits(interaction, "Updated.")
@@ -171,14 +197,20 @@ class Admin(commands.Cog):
         await self.edit_list(interaction, "words", word, add=True)
 
     @words.command(name="remove")
-    async def word_remove(self, interaction: discord.Interaction, word: app_commands.Range[str, 1, 100]) -> None:
+    async def word_remove(
+        self, interaction: discord.Interaction, word: app_commands.Range[str, 1, 100]
+    ) -> None:
         """Allow a word again."""
         await self.edit_list(interaction, "words", word, add=False)
 
-    async def edit_list(self, interaction: discord.Interaction, name: str, value: int | str, *, add: bool) -> None:
+    async def edit_list(
+        self, interaction: discord.Interaction, name: str, value: int | str, *, add: bool
+    ) -> None:
         assert interaction.guild is not None
         store = self.bot.store
-        changed = await (store.add_to_list if add else store.remove_from_list)(interaction.guild.id, name, value)  # type: ignore[arg-type]
+        changed = await (store.add_to_list if add else store.remove_from_list)(
+            interaction.guild.id, name, value
+        )  # type: ignore[arg-type]
         note = "Updated." if changed else ("It was already there." if add else "It wasn't on the list.")
         await self.show_limits(interaction, note)
 
@@ -195,13 +227,20 @@ class Admin(commands.Cog):
         if policy.exempts(roles):
             lines.append("Your role frees you from the member limits.")
         else:
-            for noun, used, cap in (("generations", usage.user_generations, policy.generations_per_user),
-                                    ("questions", usage.user_questions, policy.questions_per_user)):
-                lines.append(f"{noun.capitalize()}: {used}/{cap} used, {max(cap - used, 0)} left" if cap
-                             else f"{noun.capitalize()}: turned off here")
+            for noun, used, cap in (
+                ("generations", usage.user_generations, policy.generations_per_user),
+                ("questions", usage.user_questions, policy.questions_per_user),
+            ):
+                lines.append(
+                    f"{noun.capitalize()}: {used}/{cap} used, {max(cap - used, 0)} left"
+                    if cap
+                    else f"{noun.capitalize()}: turned off here"
+                )
         if guild is not None:
-            lines.append(f"The server has used {usage.server_generations}/{policy.generations_per_server} "
-                         "generations today.")
+            lines.append(
+                f"The server has used {usage.server_generations}/{policy.generations_per_server} "
+                "generations today."
+            )
         lines.append(f"Resets in {format_duration(resets_in(now))} (midnight UTC).")
         await reply_privately(interaction, "\n".join(lines))
 

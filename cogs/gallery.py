@@ -1,5 +1,7 @@
-"""The /imagine gallery as one Components V2 message, and what members can do with it: upscale or vary one image,
-re-roll, remix the prompt, describe an image, delete; and draw one of the prompts /describe wrote. Every button
+"""The /imagine gallery as one Components V2 message, and what members can do with it: upscale or vary one
+image,
+re-roll, remix the prompt, describe an image, delete; and draw one of the prompts /describe wrote. Every
+button
 and menu is a persistent dynamic item whose state is in SQLite, so all keep working after a restart."""
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Lineage = tuple[int, int, str | None]  # a variation's gallery id, image index (0-based) and link to that gallery
+Lineage = tuple[
+    int, int, str | None
+]  # a variation's gallery id, image index (0-based) and link to that gallery
 VARIATIONS = 4  # images a Vary draws
 BUTTONS_UP_TO = 4  # a message with more images offers a select menu instead of one button per image
 
@@ -49,14 +53,23 @@ def notice_layout(text: str, preview: str | None = None) -> discord.ui.LayoutVie
     return view
 
 
-def gallery_layout(gallery_id: int, text: str, files: Sequence[discord.File], *, first: int = 0,
-                   shared_actions: bool = True, upscale: bool = True) -> discord.ui.LayoutView:
+def gallery_layout(
+    gallery_id: int,
+    text: str,
+    files: Sequence[discord.File],
+    *,
+    first: int = 0,
+    shared_actions: bool = True,
+    upscale: bool = True,
+) -> discord.ui.LayoutView:
     """One message of a gallery: its text, its images (numbered from `first`, 0-based) and their actions.
     A gallery split over several messages has Re-roll, Remix and Delete on its first message only."""
     view = discord.ui.LayoutView(timeout=None)
     container = discord.ui.Container(
         discord.ui.TextDisplay(text[:4000]),
-        discord.ui.MediaGallery(*(discord.MediaGalleryItem(f"attachment://{file.filename}") for file in files)),
+        discord.ui.MediaGallery(
+            *(discord.MediaGalleryItem(f"attachment://{file.filename}") for file in files)
+        ),
     )
     indices = range(first, first + len(files))
     if len(files) <= BUTTONS_UP_TO:
@@ -69,8 +82,11 @@ def gallery_layout(gallery_id: int, text: str, files: Sequence[discord.File], *,
         container.add_item(discord.ui.ActionRow[Any](VarySelect(gallery_id, first, len(files))))
     container.add_item(discord.ui.ActionRow[Any](DescribeSelect(gallery_id, len(files), first)))
     if shared_actions:
-        container.add_item(discord.ui.ActionRow[Any](RerollButton(gallery_id), RemixButton(gallery_id),
-                                                DeleteButton(gallery_id)))
+        container.add_item(
+            discord.ui.ActionRow[Any](
+                RerollButton(gallery_id), RemixButton(gallery_id), DeleteButton(gallery_id)
+            )
+        )
     view.add_item(container)
     return view
 
@@ -78,18 +94,22 @@ def gallery_layout(gallery_id: int, text: str, files: Sequence[discord.File], *,
 def upscaled_layout(record_id: int, text: str, file: discord.File) -> discord.ui.LayoutView:
     """One upscaled image, with a Delete button for whoever asked."""
     view = discord.ui.LayoutView(timeout=None)
-    view.add_item(discord.ui.Container(
-        discord.ui.TextDisplay(text[:4000]),
-        discord.ui.MediaGallery(discord.MediaGalleryItem(f"attachment://{file.filename}")),
-        discord.ui.ActionRow[Any](DeleteButton(record_id)),
-    ))
+    view.add_item(
+        discord.ui.Container(
+            discord.ui.TextDisplay(text[:4000]),
+            discord.ui.MediaGallery(discord.MediaGalleryItem(f"attachment://{file.filename}")),
+            discord.ui.ActionRow[Any](DeleteButton(record_id)),
+        )
+    )
     return view
 
 
 def gallery_caption(request: ImagineRequest, user: discord.abc.User, size: tuple[int, int]) -> str:
-    return (f"**{quote(request.prompt, 1500)}** — {user.mention}\n"
-            f"seed `{request.seed}` · guidance {request.guidance:g} · temperature {request.temperature:g} · "
-            f"{request.count} image(s) · {size[0]}×{size[1]}")
+    return (
+        f"**{quote(request.prompt, 1500)}** — {user.mention}\n"
+        f"seed `{request.seed}` · guidance {request.guidance:g} · temperature {request.temperature:g} · "
+        f"{request.count} image(s) · {size[0]}×{size[1]}"
+    )
 
 
 def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
@@ -100,7 +120,8 @@ def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
 
 
 def kept_rows(grid: int, setting: int | None) -> int:
-    """How many token rows Vary keeps: VARY_KEEP_ROWS, else a third; always at least one and one fewer than all."""
+    """How many token rows Vary keeps: VARY_KEEP_ROWS, else a third; always at least one and one fewer
+    than all."""
     rows = setting if setting is not None else round(grid / 3)
     return min(max(rows, 1), grid - 1)
 
@@ -116,7 +137,9 @@ def parse_number(text: str, low: float, high: float, name: str) -> float:
     try:
         value = float(text.strip().replace(",", "."))
     except ValueError:
-        raise UserFacingError(f"{name} must be a number from {low:g} to {high:g}, not “{quote(text, 20)}”.") from None
+        raise UserFacingError(
+            f"{name} must be a number from {low:g} to {high:g}, not “{quote(text, 20)}”."
+        ) from None
     if not (math.isfinite(value) and low <= value <= high):
         raise UserFacingError(f"{name} must be from {low:g} to {high:g}, not {quote(text, 20)}.")
     return value
@@ -126,7 +149,8 @@ def parse_number(text: str, low: float, high: float, name: str) -> float:
 
 
 class GalleryActions(commands.Cog):
-    """Upscale, Vary, Re-roll, Remix, Describe and Delete under a gallery; Imagine under /describe's prompts."""
+    """Upscale, Vary, Re-roll, Remix, Describe and Delete under a gallery; Imagine under /describe's
+    prompts."""
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
@@ -141,12 +165,15 @@ class GalleryActions(commands.Cog):
             await reply_privately(interaction, "I no longer know this gallery's prompt; please use /imagine.")
         return gallery
 
-    async def known_tokens(self, interaction: discord.Interaction, gallery_id: int,
-                           index: int) -> tuple[int, ...] | None:
+    async def known_tokens(
+        self, interaction: discord.Interaction, gallery_id: int, index: int
+    ) -> tuple[int, ...] | None:
         tokens = await self.bot.store.image_tokens(gallery_id, index)
         if tokens is None:
-            await reply_privately(interaction, f"I no longer have image {index + 1} of this gallery; "
-                                               "please draw it again with /imagine.")
+            await reply_privately(
+                interaction,
+                f"I no longer have image {index + 1} of this gallery; please draw it again with /imagine.",
+            )
         return tokens
 
     async def lineage(self, gallery: Gallery) -> Lineage | None:
@@ -163,8 +190,14 @@ class GalleryActions(commands.Cog):
         """The same prompt and settings with a new seed (a variation gallery keeps its kept rows)."""
         if (gallery := await self.known_gallery(interaction, gallery_id)) is None:
             return
-        request = ImagineRequest(gallery.prompt, count=min(gallery.count, 10), guidance=gallery.guidance,
-                                 temperature=gallery.temperature, seed=random.randrange(2**31), keep=gallery.keep)
+        request = ImagineRequest(
+            gallery.prompt,
+            count=min(gallery.count, 10),
+            guidance=gallery.guidance,
+            temperature=gallery.temperature,
+            seed=random.randrange(2**31),
+            keep=gallery.keep,
+        )
         await self.generation.run(interaction, request, parent=await self.lineage(gallery))
 
     async def vary(self, interaction: discord.Interaction, gallery_id: int, index: int) -> None:
@@ -175,8 +208,14 @@ class GalleryActions(commands.Cog):
             return
         grid = math.isqrt(len(tokens))
         keep = tokens[: kept_rows(grid, self.bot.settings.vary_keep_rows) * grid]
-        request = ImagineRequest(gallery.prompt, count=VARIATIONS, guidance=gallery.guidance,
-                                 temperature=gallery.temperature, seed=variation_seed(gallery.seed, index), keep=keep)
+        request = ImagineRequest(
+            gallery.prompt,
+            count=VARIATIONS,
+            guidance=gallery.guidance,
+            temperature=gallery.temperature,
+            seed=variation_seed(gallery.seed, index),
+            keep=keep,
+        )
         url = interaction.message.jump_url if interaction.message else None
         await self.generation.run(interaction, request, parent=(gallery_id, index, url))
 
@@ -195,18 +234,31 @@ class GalleryActions(commands.Cog):
         if (match := REMIX_FORM.fullmatch(str(data.get("custom_id", "")))) is None:
             return
         values = submitted_values(data.get("components") or [])
-        await pressed(interaction, self.remixed(interaction, int(match["gallery"]), values.get("prompt", ""),
-                                                values.get("guidance", ""), values.get("temperature", "")))
+        await pressed(
+            interaction,
+            self.remixed(
+                interaction,
+                int(match["gallery"]),
+                values.get("prompt", ""),
+                values.get("guidance", ""),
+                values.get("temperature", ""),
+            ),
+        )
 
-    async def remixed(self, interaction: discord.Interaction, gallery_id: int, prompt: str, guidance: str,
-                      temperature: str) -> None:
+    async def remixed(
+        self, interaction: discord.Interaction, gallery_id: int, prompt: str, guidance: str, temperature: str
+    ) -> None:
         if (gallery := await self.known_gallery(interaction, gallery_id)) is None:
             return
         try:
-            request = ImagineRequest(clean_text(prompt), count=min(gallery.count, 10),
-                                     guidance=parse_number(guidance, 1, 10, "Guidance"),
-                                     temperature=parse_number(temperature, 0, 1, "Temperature"),
-                                     seed=gallery.seed, keep=gallery.keep)
+            request = ImagineRequest(
+                clean_text(prompt),
+                count=min(gallery.count, 10),
+                guidance=parse_number(guidance, 1, 10, "Guidance"),
+                temperature=parse_number(temperature, 0, 1, "Temperature"),
+                seed=gallery.seed,
+                keep=gallery.keep,
+            )
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
@@ -218,7 +270,9 @@ class GalleryActions(commands.Cog):
         if prompt is None:
             await reply_privately(interaction, "I no longer have that prompt; please use /imagine.")
             return
-        request = ImagineRequest(prompt, count=self.bot.settings.images_per_prompt, seed=random.randrange(2**31))
+        request = ImagineRequest(
+            prompt, count=self.bot.settings.images_per_prompt, seed=random.randrange(2**31)
+        )
         await self.generation.run(interaction, request)
 
     # ---- upscale ---------------------------------------------------------------------------------------
@@ -234,18 +288,30 @@ class GalleryActions(commands.Cog):
             await reply_privately(interaction, "Upscaling is turned off on this bot.")
             return
         try:  # the prompt is checked against the server's words again; its length was the first member's
-            charge = await self.bot.quota.admit("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                                user=interaction.user, text=gallery.prompt, typed="")
+            charge = await self.bot.quota.admit(
+                "imagine",
+                guild=interaction.guild,
+                channel=interaction.channel,  # type: ignore[arg-type]
+                user=interaction.user,
+                text=gallery.prompt,
+                typed="",
+            )
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
         token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds)
         job: Job[Image.Image] | None = None
         try:
-            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token, created_at=interaction.created_at.timestamp())
-            job = self.bot.backend.upscale(UpscaleRequest(tokens), owner=interaction.user.id, origin=origin,
-                                           charge=charge)
+            origin = Origin(
+                interaction.guild_id or 0,
+                interaction.channel_id or 0,
+                interaction.application_id,
+                interaction.token,
+                created_at=interaction.created_at.timestamp(),
+            )
+            job = self.bot.backend.upscale(
+                UpscaleRequest(tokens), owner=interaction.user.id, origin=origin, charge=charge
+            )
             self.bot.quota.queued(charge)
             try:
                 await interaction.response.defer(ephemeral=True, thinking=True)
@@ -272,31 +338,59 @@ class GalleryActions(commands.Cog):
         if message is None:  # nowhere to post it (the presser was told which permission is missing)
             await self.bot.quota.refund(charge)
             return
-        await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                    user=interaction.user, text=gallery.prompt, result=message,
-                                    images=[image])
+        await self.bot.quota.report(
+            "imagine",
+            guild=interaction.guild,
+            channel=interaction.channel,  # type: ignore[arg-type]
+            user=interaction.user,
+            text=gallery.prompt,
+            result=message,
+            images=[image],
+        )
 
-    async def post_upscaled(self, interaction: discord.Interaction, token: TokenLife, gallery_id: int,
-                            gallery: Gallery, index: int, tokens: tuple[int, ...],
-                            image: Image.Image) -> discord.Message | None:
-        """Post the upscaled image as a reply to the gallery, with a Delete button for the presser; None if the
+    async def post_upscaled(
+        self,
+        interaction: discord.Interaction,
+        token: TokenLife,
+        gallery_id: int,
+        gallery: Gallery,
+        index: int,
+        tokens: tuple[int, ...],
+        image: Image.Image,
+    ) -> discord.Message | None:
+        """Post the upscaled image as a reply to the gallery, with a Delete button for the presser;
+        None if the
         bot cannot post in the channel."""
         record = await self.bot.store.save_gallery(
-            Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=gallery.prompt,
-                    count=1, guidance=gallery.guidance, temperature=gallery.temperature, seed=gallery.seed,
-                    parent_id=gallery_id, parent_index=index), [tokens])
-        [[file]] = await image_files([image], f"janus_{gallery.seed}_{index + 1}_upscaled",
-                                     limit=upload_limit(interaction.guild))
-        text = (f"**{quote(gallery.prompt, 1500)}** — {interaction.user.mention}\n"
-                f"-# Image {index + 1}, upscaled to {image.width}×{image.height}")
+            Gallery(
+                guild_id=interaction.guild_id or 0,
+                requester_id=interaction.user.id,
+                prompt=gallery.prompt,
+                count=1,
+                guidance=gallery.guidance,
+                temperature=gallery.temperature,
+                seed=gallery.seed,
+                parent_id=gallery_id,
+                parent_index=index,
+            ),
+            [tokens],
+        )
+        [[file]] = await image_files(
+            [image], f"janus_{gallery.seed}_{index + 1}_upscaled", limit=upload_limit(interaction.guild)
+        )
+        text = (
+            f"**{quote(gallery.prompt, 1500)}** — {interaction.user.mention}\n"
+            f"-# Image {index + 1}, upscaled to {image.width}×{image.height}"
+        )
         message = await self.post_reply(interaction, token, upscaled_layout(record, text, file), file)
         if message is not None:
             await self.bot.store.add_gallery_messages(record, message.channel.id, [message.id])
             await self.tell(interaction, token, f"Here it is: {message.jump_url}")
         return message
 
-    async def follow_privately(self, interaction: discord.Interaction, token: TokenLife, job: Job[Any],
-                               what: str) -> Any:
+    async def follow_privately(
+        self, interaction: discord.Interaction, token: TokenLife, job: Job[Any], what: str
+    ) -> Any:
         """Show the presser their place in line, then that it runs; return the job's result."""
         interval, last, shown = self.bot.settings.status_update_seconds, float("-inf"), ""
         job.changed.set()
@@ -306,8 +400,11 @@ class GalleryActions(commands.Cog):
             if job.done() or time.perf_counter() - last < interval:
                 continue
             last = time.perf_counter()
-            text = (f"🕐 Waiting in line: #{job.position} — upscaling {what}" if job.position
-                    else f"🔍 Upscaling {what}…")
+            text = (
+                f"🕐 Waiting in line: #{job.position} — upscaling {what}"
+                if job.position
+                else f"🔍 Upscaling {what}…"
+            )
             if text != shown:
                 shown = text
                 await self.tell(interaction, token, text)
@@ -327,18 +424,29 @@ class GalleryActions(commands.Cog):
             token.refused(error)
             log.debug("Could not update %s's private status: %s", interaction.user, error)
 
-    async def post_reply(self, interaction: discord.Interaction, token: TokenLife, view: discord.ui.LayoutView,
-                         file: discord.File) -> discord.Message | None:
+    async def post_reply(
+        self,
+        interaction: discord.Interaction,
+        token: TokenLife,
+        view: discord.ui.LayoutView,
+        file: discord.File,
+    ) -> discord.Message | None:
         """Reply to the gallery, pinging the presser; in the channel if replying is refused; None (and the
         presser told which permission is missing) if the bot cannot post there at all."""
         channel, user = interaction.channel, interaction.user
         mentions = discord.AllowedMentions(users=[user], replied_user=False)
-        reference = interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
-        for attempt in ([reference, None] if reference else [None]):
+        reference = (
+            interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
+        )
+        for attempt in [reference, None] if reference else [None]:
             file.reset()
             try:
-                return await channel.send(view=view, file=file, reference=attempt,  # type: ignore[union-attr,call-overload]
-                                          allowed_mentions=mentions)
+                return await channel.send(
+                    view=view,
+                    file=file,
+                    reference=attempt,  # type: ignore[union-attr,call-overload]
+                    allowed_mentions=mentions,
+                )
             except discord.Forbidden as error:
                 log.info("Could not post an upscaled image in #%s (%s)", channel, error)
             except discord.HTTPException as error:
@@ -356,19 +464,25 @@ class GalleryActions(commands.Cog):
             await reply_privately(interaction, "That image is no longer there.")
             return
         understanding = self.bot.get_cog("Understanding")
-        await understanding.answer_interaction(interaction, [attachments[index]], "Describe this image in detail.")  # type: ignore[union-attr]
+        await understanding.answer_interaction(
+            interaction, [attachments[index]], "Describe this image in detail."
+        )  # type: ignore[union-attr]
 
     async def delete(self, interaction: discord.Interaction, gallery_id: int) -> None:
         """Delete every message of the gallery, for whoever asked for it or a moderator."""
         gallery = await self.bot.store.gallery(gallery_id)
         permissions = interaction.permissions
         if not (gallery and gallery.requester_id == interaction.user.id) and not permissions.manage_messages:
-            await reply_privately(interaction, "Only the person who asked for these images, or a moderator, "
-                                               "can delete them.")
+            await reply_privately(
+                interaction, "Only the person who asked for these images, or a moderator, can delete them."
+            )
             return
         pressed = interaction.message
-        others = [message_id for channel_id, message_id in await self.bot.store.gallery_messages(gallery_id)
-                  if pressed is None or message_id != pressed.id]
+        others = [
+            message_id
+            for channel_id, message_id in await self.bot.store.gallery_messages(gallery_id)
+            if pressed is None or message_id != pressed.id
+        ]
         try:
             if pressed is not None:
                 await pressed.delete()
@@ -378,7 +492,9 @@ class GalleryActions(commands.Cog):
                 except discord.NotFound:
                     pass  # deleted already
         except discord.HTTPException as error:
-            await reply_privately(interaction, f"I couldn't delete that message ({error.text or error.status}).")
+            await reply_privately(
+                interaction, f"I couldn't delete that message ({error.text or error.status})."
+            )
             return
         await reply_privately(interaction, "Deleted.")
 
@@ -391,7 +507,9 @@ async def pressed(interaction: discord.Interaction, action: Awaitable[None]) -> 
     except UserFacingError as error:
         await reply_privately(interaction, str(error))
     except Exception:
-        log.exception("A button or menu under message %s failed", interaction.message and interaction.message.id)
+        log.exception(
+            "A button or menu under message %s failed", interaction.message and interaction.message.id
+        )
         await reply_privately(interaction, SORRY)
 
 
@@ -402,30 +520,46 @@ def actions(interaction: discord.Interaction) -> GalleryActions:
 # ---- persistent components: the custom id carries the gallery (or prompt) id and the image ---------------
 
 
-class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:up:(?P<gallery>\d+):(?P<i>\d+)"):
+class UpscaleButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"janus:up:(?P<gallery>\d+):(?P<i>\d+)"
+):
     def __init__(self, gallery_id: int, index: int) -> None:
-        super().__init__(discord.ui.Button(label=f"U{index + 1}", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"janus:up:{gallery_id}:{index}"))
+        super().__init__(
+            discord.ui.Button(
+                label=f"U{index + 1}",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"janus:up:{gallery_id}:{index}",
+            )
+        )
         self.gallery_id, self.index = gallery_id, index
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await pressed(interaction, actions(interaction).upscale(interaction, self.gallery_id, self.index))
 
 
-class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:vary:(?P<gallery>\d+):(?P<i>\d+)"):
+class VaryButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"janus:vary:(?P<gallery>\d+):(?P<i>\d+)"
+):
     def __init__(self, gallery_id: int, index: int) -> None:
-        super().__init__(discord.ui.Button(label=f"V{index + 1}", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"janus:vary:{gallery_id}:{index}"))
+        super().__init__(
+            discord.ui.Button(
+                label=f"V{index + 1}",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"janus:vary:{gallery_id}:{index}",
+            )
+        )
         self.gallery_id, self.index = gallery_id, index
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]), int(match["i"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -433,19 +567,30 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:var
 
 
 def image_options(first: int, count: int) -> list[discord.SelectOption]:
-    return [discord.SelectOption(label=f"Image {i + 1}", value=str(i)) for i in range(first, first + max(count, 1))]
+    return [
+        discord.SelectOption(label=f"Image {i + 1}", value=str(i))
+        for i in range(first, first + max(count, 1))
+    ]
 
 
-class UpscaleSelect(discord.ui.DynamicItem[discord.ui.Select],
-                    template=r"janus:upsel:(?P<gallery>\d+):(?P<first>\d+):(?P<n>\d+)"):
+class UpscaleSelect(
+    discord.ui.DynamicItem[discord.ui.Select],
+    template=r"janus:upsel:(?P<gallery>\d+):(?P<first>\d+):(?P<n>\d+)",
+):
     def __init__(self, gallery_id: int, first: int, count: int) -> None:
-        super().__init__(discord.ui.Select(placeholder="🔍 Upscale an image…", options=image_options(first, count),
-                                           custom_id=f"janus:upsel:{gallery_id}:{first}:{count}"))
+        super().__init__(
+            discord.ui.Select(
+                placeholder="🔍 Upscale an image…",
+                options=image_options(first, count),
+                custom_id=f"janus:upsel:{gallery_id}:{first}:{count}",
+            )
+        )
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]), int(match["first"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -453,16 +598,24 @@ class UpscaleSelect(discord.ui.DynamicItem[discord.ui.Select],
         await pressed(interaction, actions(interaction).upscale(interaction, self.gallery_id, index))
 
 
-class VarySelect(discord.ui.DynamicItem[discord.ui.Select],
-                 template=r"janus:varysel:(?P<gallery>\d+):(?P<first>\d+):(?P<n>\d+)"):
+class VarySelect(
+    discord.ui.DynamicItem[discord.ui.Select],
+    template=r"janus:varysel:(?P<gallery>\d+):(?P<first>\d+):(?P<n>\d+)",
+):
     def __init__(self, gallery_id: int, first: int, count: int) -> None:
-        super().__init__(discord.ui.Select(placeholder="🔀 Vary an image…", options=image_options(first, count),
-                                           custom_id=f"janus:varysel:{gallery_id}:{first}:{count}"))
+        super().__init__(
+            discord.ui.Select(
+                placeholder="🔀 Vary an image…",
+                options=image_options(first, count),
+                custom_id=f"janus:varysel:{gallery_id}:{first}:{count}",
+            )
+        )
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]), int(match["first"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -470,19 +623,26 @@ class VarySelect(discord.ui.DynamicItem[discord.ui.Select],
         await pressed(interaction, actions(interaction).vary(interaction, self.gallery_id, index))
 
 
-class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select],
-                     template=r"janus:describe:(?P<gallery>\d+):(?P<n>\d+)(?::(?P<first>\d+))?"):
+class DescribeSelect(
+    discord.ui.DynamicItem[discord.ui.Select],
+    template=r"janus:describe:(?P<gallery>\d+):(?P<n>\d+)(?::(?P<first>\d+))?",
+):
     """Its values count the images of its own message (so galleries posted before V2 keep working); the labels
     number them across the gallery."""
 
     def __init__(self, gallery_id: int, count: int, first: int = 0) -> None:
-        options = [discord.SelectOption(label=f"Image {first + i + 1}", value=str(i)) for i in range(max(count, 1))]
+        options = [
+            discord.SelectOption(label=f"Image {first + i + 1}", value=str(i)) for i in range(max(count, 1))
+        ]
         custom_id = f"janus:describe:{gallery_id}:{count}" + (f":{first}" if first else "")
-        super().__init__(discord.ui.Select(placeholder="💬 Describe an image…", options=options, custom_id=custom_id))
+        super().__init__(
+            discord.ui.Select(placeholder="💬 Describe an image…", options=options, custom_id=custom_id)
+        )
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]), int(match["n"]), int(match["first"] or 0))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -491,13 +651,20 @@ class DescribeSelect(discord.ui.DynamicItem[discord.ui.Select],
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:reroll:(?P<gallery>\d+)"):
     def __init__(self, gallery_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Re-roll", emoji="🎲", style=discord.ButtonStyle.primary,
-                                           custom_id=f"janus:reroll:{gallery_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Re-roll",
+                emoji="🎲",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"janus:reroll:{gallery_id}",
+            )
+        )
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -506,13 +673,20 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:r
 
 class RemixButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:remix:(?P<gallery>\d+)"):
     def __init__(self, gallery_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Remix", emoji="🖌️", style=discord.ButtonStyle.primary,
-                                           custom_id=f"janus:remix:{gallery_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Remix",
+                emoji="🖌️",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"janus:remix:{gallery_id}",
+            )
+        )
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -521,31 +695,46 @@ class RemixButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:re
 
 class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"janus:delete:(?P<gallery>\d+)"):
     def __init__(self, gallery_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Delete", emoji="🗑️", style=discord.ButtonStyle.danger,
-                                           custom_id=f"janus:delete:{gallery_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Delete",
+                emoji="🗑️",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"janus:delete:{gallery_id}",
+            )
+        )
         self.gallery_id = gallery_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["gallery"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await pressed(interaction, actions(interaction).delete(interaction, self.gallery_id))
 
 
-class ImaginePromptButton(discord.ui.DynamicItem[discord.ui.Button],
-                          template=r"janus:imagine:(?P<prompt>\d+):(?P<n>\d+)"):
-    """"Imagine n" under the prompts /describe wrote."""
+class ImaginePromptButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"janus:imagine:(?P<prompt>\d+):(?P<n>\d+)"
+):
+    """ "Imagine n" under the prompts /describe wrote."""
 
     def __init__(self, prompt_id: int, number: int) -> None:
-        super().__init__(discord.ui.Button(label=f"Imagine {number}", emoji="🎨", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"janus:imagine:{prompt_id}:{number}"))
+        super().__init__(
+            discord.ui.Button(
+                label=f"Imagine {number}",
+                emoji="🎨",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"janus:imagine:{prompt_id}:{number}",
+            )
+        )
         self.prompt_id = prompt_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Self:
         return cls(int(match["prompt"]), int(match["n"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -561,18 +750,36 @@ def prompt_buttons(prompt_ids: Sequence[int]) -> discord.ui.View:
 
 
 class RemixModal(discord.ui.Modal):
-    """The gallery's prompt, guidance and temperature, to edit; drawn with the same seed. The form is not kept in
-    memory: `GalleryActions.on_interaction` reads each submission from its custom id and values alone, so a form
+    """The gallery's prompt, guidance and temperature, to edit; drawn with the same seed. The form is not
+    kept in
+    memory: `GalleryActions.on_interaction` reads each submission from its custom id and values alone, so
+    a form
     opened before a restart still works after it."""
 
     def __init__(self, gallery_id: int, gallery: Gallery) -> None:
         super().__init__(title="Remix", custom_id=f"janus:remix-form:{gallery_id}", timeout=None)
-        self.add_item(discord.ui.TextInput(label="Prompt", default=gallery.prompt[:2000], max_length=2000,
-                                           style=discord.TextStyle.paragraph, custom_id="prompt"))
-        self.add_item(discord.ui.TextInput(label="Guidance (1-10)", default=f"{gallery.guidance:g}", max_length=8,
-                                           custom_id="guidance"))
-        self.add_item(discord.ui.TextInput(label="Temperature (0-1)", default=f"{gallery.temperature:g}",
-                                           max_length=8, custom_id="temperature"))
+        self.add_item(
+            discord.ui.TextInput(
+                label="Prompt",
+                default=gallery.prompt[:2000],
+                max_length=2000,
+                style=discord.TextStyle.paragraph,
+                custom_id="prompt",
+            )
+        )
+        self.add_item(
+            discord.ui.TextInput(
+                label="Guidance (1-10)", default=f"{gallery.guidance:g}", max_length=8, custom_id="guidance"
+            )
+        )
+        self.add_item(
+            discord.ui.TextInput(
+                label="Temperature (0-1)",
+                default=f"{gallery.temperature:g}",
+                max_length=8,
+                custom_id="temperature",
+            )
+        )
         self.stop()  # a finished modal is not stored by send_modal: every submission goes to the listener
 
 
@@ -580,21 +787,32 @@ REMIX_FORM = re.compile(r"janus:remix-form:(?P<gallery>\d+)")
 
 
 def submitted_values(components: Sequence[Any]) -> dict[str, str]:
-    """custom id -> value of every text input in a modal submission's components (rows and labels nest them)."""
+    """custom id -> value of every text input in a modal submission's components (rows and labels nest
+    them)."""
     values: dict[str, str] = {}
     for component in components:
         if isinstance(component.get("value"), str) and component.get("custom_id"):
             values[component["custom_id"]] = component["value"]
-        nested = component.get("components") or ([component["component"]] if component.get("component") else [])
+        nested = component.get("components") or (
+            [component["component"]] if component.get("component") else []
+        )
         values.update(submitted_values(nested))
     return values
 
 
-DYNAMIC_ITEMS = (UpscaleButton, VaryButton, UpscaleSelect, VarySelect, DescribeSelect, RerollButton, RemixButton,
-                 DeleteButton, ImaginePromptButton)
+DYNAMIC_ITEMS = (
+    UpscaleButton,
+    VaryButton,
+    UpscaleSelect,
+    VarySelect,
+    DescribeSelect,
+    RerollButton,
+    RemixButton,
+    DeleteButton,
+    ImaginePromptButton,
+)
 
 
 async def setup(bot: JanusBot) -> None:
     bot.add_dynamic_items(*DYNAMIC_ITEMS)
     await bot.add_cog(GalleryActions(bot))
-

@@ -54,7 +54,9 @@ class Generation(commands.Cog):
         seed="Same seed and settings, same images",
     )
     async def imagine(
-        self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 2000],
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 2000],
         count: app_commands.Range[int, 1, 10] | None = None,
         guidance: app_commands.Range[float, 1.0, 10.0] | None = None,
         temperature: app_commands.Range[float, 0.0, 1.0] | None = None,
@@ -70,8 +72,9 @@ class Generation(commands.Cog):
         )
         await self.run(interaction, request)
 
-    async def run(self, interaction: discord.Interaction, request: ImagineRequest,
-                  parent: Lineage | None = None) -> None:
+    async def run(
+        self, interaction: discord.Interaction, request: ImagineRequest, parent: Lineage | None = None
+    ) -> None:
         """Admit, queue, show progress and deliver one /imagine request; also every new gallery a button or
         form makes (Re-roll, Vary, Remix, Imagine n), whose presser is admitted and charged the same way.
         `parent` names the gallery and image a variation keeps the top of. Whatever goes wrong once it is
@@ -80,8 +83,13 @@ class Generation(commands.Cog):
             await reply_privately(interaction, "Please tell me what to draw.")
             return
         try:
-            charge = await self.bot.quota.admit("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                                user=interaction.user, text=request.prompt)
+            charge = await self.bot.quota.admit(
+                "imagine",
+                guild=interaction.guild,
+                channel=interaction.channel,  # type: ignore[arg-type]
+                user=interaction.user,
+                text=request.prompt,
+            )
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
@@ -90,15 +98,22 @@ class Generation(commands.Cog):
         try:
             # With a remote backend the job outlives this process: a restarted bot keeps editing this response
             # through the interaction's token, and refunds the charge if the job fails.
-            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token, created_at=interaction.created_at.timestamp())
+            origin = Origin(
+                interaction.guild_id or 0,
+                interaction.channel_id or 0,
+                interaction.application_id,
+                interaction.token,
+                created_at=interaction.created_at.timestamp(),
+            )
             job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             await acknowledge(interaction)
             drawings = await self.follow(job, request, delivery)
             await self.deliver(interaction, request, drawings, delivery, note=job.note, parent=parent)
         except UserFacingError as error:
-            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+            if (
+                job is not None and job.elsewhere
+            ):  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             await self.tell(interaction, delivery, str(error))
@@ -126,8 +141,9 @@ class Generation(commands.Cog):
             if delivery.token.alive:
                 await reply_privately(interaction, f"⚠️ {text}")
 
-    async def follow(self, job: Job[list[Drawing]], request: ImagineRequest,
-                     delivery: Delivery) -> list[Drawing]:
+    async def follow(
+        self, job: Job[list[Drawing]], request: ImagineRequest, delivery: Delivery
+    ) -> list[Drawing]:
         """Keep the status message current until the job is done; return its drawings."""
         interval, last = self.bot.settings.status_update_seconds, float("-inf")
         shown_preview = None
@@ -145,26 +161,45 @@ class Generation(commands.Cog):
                 data = await asyncio.to_thread(render_preview, preview)
                 fields["attachments"] = [discord.File(io.BytesIO(data), PREVIEW)]
             # The same V2 message throughout: the status now, the gallery later (the flag cannot be removed).
-            fields["view"] = notice_layout(status_text(job, request), PREVIEW if shown_preview is not None else None)
+            fields["view"] = notice_layout(
+                status_text(job, request), PREVIEW if shown_preview is not None else None
+            )
             await delivery.edit(**fields)
         return await job
 
-    async def deliver(self, interaction: discord.Interaction, request: ImagineRequest, drawings: list[Drawing],
-                      delivery: Delivery, note: str | None = None, parent: Lineage | None = None) -> None:
+    async def deliver(
+        self,
+        interaction: discord.Interaction,
+        request: ImagineRequest,
+        drawings: list[Drawing],
+        delivery: Delivery,
+        note: str | None = None,
+        parent: Lineage | None = None,
+    ) -> None:
         """Replace the status with the gallery: one message, or more when the server's upload limit needs."""
         images = [drawing.image for drawing in drawings]
         gallery_id = await self.bot.store.save_gallery(
-            Gallery(guild_id=interaction.guild_id or 0, requester_id=interaction.user.id, prompt=request.prompt,
-                    count=request.count, guidance=request.guidance, temperature=request.temperature,
-                    seed=request.seed, keep=request.keep, parent_id=parent[0] if parent else None,
-                    parent_index=parent[1] if parent else None),
+            Gallery(
+                guild_id=interaction.guild_id or 0,
+                requester_id=interaction.user.id,
+                prompt=request.prompt,
+                count=request.count,
+                guidance=request.guidance,
+                temperature=request.temperature,
+                seed=request.seed,
+                keep=request.keep,
+                parent_id=parent[0] if parent else None,
+                parent_index=parent[1] if parent else None,
+            ),
             [drawing.tokens for drawing in drawings],
         )
         groups = await image_files(images, f"janus_{request.seed}", limit=upload_limit(interaction.guild))
         caption = gallery_caption(request, interaction.user, images[0].size if images else (0, 0))
         if parent is not None:
             _, index, url = parent
-            caption += f"\n-# 🔀 Variations of image {index + 1} of " + (f"[this gallery]({url})" if url else "a gallery")
+            caption += f"\n-# 🔀 Variations of image {index + 1} of " + (
+                f"[this gallery]({url})" if url else "a gallery"
+            )
         elif request.keep:  # a variation whose lineage a restarted bot no longer knows
             caption += "\n-# 🔀 Variations"
         caption += f"\n-# {note}" if note else ""  # e.g. a GPU worker stopped and another one took over
@@ -173,26 +208,37 @@ class Generation(commands.Cog):
         for part, files in enumerate(groups):
             text = caption + (f" ({part + 1}/{len(groups)})" if len(groups) > 1 else "")
 
-            def layout(shown: str, files: list[discord.File] = files, first: int = first,
-                       part: int = part) -> discord.ui.LayoutView:
-                return gallery_layout(gallery_id, shown, files, first=first, shared_actions=part == 0,
-                                      upscale=upscale)
+            def layout(
+                shown: str, files: list[discord.File] = files, first: int = first, part: int = part
+            ) -> discord.ui.LayoutView:
+                return gallery_layout(
+                    gallery_id, shown, files, first=first, shared_actions=part == 0, upscale=upscale
+                )
 
             messages.append(await delivery.send(text, files, layout, first=part == 0))
             first += len(files)
-        await self.bot.store.add_gallery_messages(gallery_id, messages[0].channel.id, [m.id for m in messages])
+        await self.bot.store.add_gallery_messages(
+            gallery_id, messages[0].channel.id, [m.id for m in messages]
+        )
         first_message = messages[0]
-        await self.bot.quota.report("imagine", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                    user=interaction.user, text=request.prompt, result=first_message,
-                                    images=images)
+        await self.bot.quota.report(
+            "imagine",
+            guild=interaction.guild,
+            channel=interaction.channel,  # type: ignore[arg-type]
+            user=interaction.user,
+            text=request.prompt,
+            result=first_message,
+            images=images,
+        )
 
     # ---- jobs that outlived a restart of the bot (EXECUTOR=redis) -------------------------------------
 
     async def cog_load(self) -> None:
         await self.bot.backend.reattach("imagine", self.deliver_reattached)  # jobs that outlived a restart
 
-    async def deliver_reattached(self, job: Job[list[Drawing]], request: ImagineRequest,
-                                 origin: Origin) -> None:
+    async def deliver_reattached(
+        self, job: Job[list[Drawing]], request: ImagineRequest, origin: Origin
+    ) -> None:
         """Show and deliver a job an earlier run of the bot was waiting for, as `run` does: its status and
         gallery go into the original response while the interaction's token lives, else to the channel it was
         asked in, mentioning whoever asked. A job that fails is refunded."""
@@ -209,7 +255,9 @@ class Generation(commands.Cog):
             try:
                 await delivery.send(f"⚠️ {error}", [], notice_layout, first=True)
             except (UserFacingError, discord.HTTPException) as failure:
-                log.warning("Could not tell %s why their /imagine ended (%s): %s", resumed.user, failure, error)
+                log.warning(
+                    "Could not tell %s why their /imagine ended (%s): %s", resumed.user, failure, error
+                )
 
 
 def status_text(job: Job[Any], request: ImagineRequest) -> str:
@@ -222,7 +270,8 @@ def status_text(job: Job[Any], request: ImagineRequest) -> str:
         return f"🎨 Starting… — {what}"
     done, total = job.progress.done, job.progress.total
     filled = round(10 * done / max(total, 1))
-    return f"🎨 Drawing {request.count} image(s): {'▰' * filled}{'▱' * (10 - filled)} {100 * done // max(total, 1)}% — {what}"
+    bar = "▰" * filled + "▱" * (10 - filled)
+    return f"🎨 Drawing {request.count} image(s): {bar} {100 * done // max(total, 1)}% — {what}"
 
 
 def render_preview(images: list[Image.Image]) -> bytes:

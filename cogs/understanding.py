@@ -43,8 +43,10 @@ MAX_HISTORY_IMAGES = 2  # images from earlier turns of a reply chain
 DESCRIBE = "Describe this image in detail."
 NO_ANSWER = "I don't have an answer to that. Could you rephrase it?"
 TYPING_CURSOR = " ▌"
-NO_PROMPTS = ("I couldn't write prompts for this image this time: my answer wasn't a list of prompts. "
-              "Please try again, or ask me about it with `question:`.")
+NO_PROMPTS = (
+    "I couldn't write prompts for this image this time: my answer wasn't a list of prompts. "
+    "Please try again, or ask me about it with `question:`."
+)
 
 
 class Understanding(commands.Cog):
@@ -52,7 +54,9 @@ class Understanding(commands.Cog):
 
     def __init__(self, bot: JanusBot) -> None:
         self.bot = bot
-        self.decoding = asyncio.Semaphore(bot.settings.decode_concurrency)  # images downloaded and decoded at once
+        self.decoding = asyncio.Semaphore(
+            bot.settings.decode_concurrency
+        )  # images downloaded and decoded at once
         self.ask_menu = app_commands.ContextMenu(name="Ask Janus", callback=self.ask_about_message)
         for command in (self.describe, self.ask_menu):
             pin(command, contexts=member_contexts(bot.settings.allow_dms))
@@ -70,15 +74,30 @@ class Understanding(commands.Cog):
 
     # ---- the shared path -------------------------------------------------------------------------------
 
-    async def answer(self, output: AnswerOutput, charge: Charge, *, user: discord.abc.User,
-                     guild: discord.Guild | None, channel: discord.abc.Messageable, question: str,
-                     images: list[Image.Image], history: list[Turn] | None = None,
-                     origin: Origin | None = None) -> None:
+    async def answer(
+        self,
+        output: AnswerOutput,
+        charge: Charge,
+        *,
+        user: discord.abc.User,
+        guild: discord.Guild | None,
+        channel: discord.abc.Messageable,
+        question: str,
+        images: list[Image.Image],
+        history: list[Turn] | None = None,
+        origin: Origin | None = None,
+    ) -> None:
         """Queue, stream and deliver one admitted answer. A request that fails is refunded and the
         UserFacingError (or unexpected error) goes to the caller. With a remote backend the job outlives this
-        process: a restarted bot answers it at `origin` (see `deliver_reattached`), and refunds it if it fails."""
-        request = AskRequest(question, tuple(images), tuple(history or ()), seed=random.randrange(2**31),
-                             max_new_tokens=self.bot.settings.max_answer_tokens)
+        process: a restarted bot answers it at `origin` (see `deliver_reattached`), and refunds it if
+        it fails."""
+        request = AskRequest(
+            question,
+            tuple(images),
+            tuple(history or ()),
+            seed=random.randrange(2**31),
+            max_new_tokens=self.bot.settings.max_answer_tokens,
+        )
         job: Job[str] | None = None
         try:
             job = self.bot.backend.ask(request, owner=user.id, origin=origin, charge=charge)
@@ -86,7 +105,9 @@ class Understanding(commands.Cog):
             async with output.working():
                 answer = await self.stream(job, output)
         except UserFacingError:
-            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+            if (
+                job is not None and job.elsewhere
+            ):  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             raise
@@ -99,7 +120,9 @@ class Understanding(commands.Cog):
         except BaseException:
             await self.bot.quota.refund(charge)  # an answer the member never got is not counted
             raise
-        await self.bot.quota.report("ask", guild=guild, channel=channel, user=user, text=question, answer=answer)
+        await self.bot.quota.report(
+            "ask", guild=guild, channel=channel, user=user, text=question, answer=answer
+        )
 
     async def stream(self, job: Job[str], output: AnswerOutput) -> str:
         """Show the answer as it grows, at most once per STATUS_UPDATE_SECONDS; return the final text."""
@@ -141,8 +164,14 @@ class Understanding(commands.Cog):
             await output.finish([str(error)])
             return
         await output.finish(split_message(answer) or [NO_ANSWER])
-        await self.bot.quota.report("ask", guild=resumed.guild, channel=resumed.channel, user=resumed.user,
-                                    text=request.question, answer=answer)
+        await self.bot.quota.report(
+            "ask",
+            guild=resumed.guild,
+            channel=resumed.channel,
+            user=resumed.user,
+            text=request.question,
+            answer=answer,
+        )
 
     # ---- mentions and replies --------------------------------------------------------------------------
 
@@ -151,27 +180,52 @@ class Understanding(commands.Cog):
         if not await self.is_for_me(message):
             return
         if (missing := missing_permission(message.channel)) is not None:  # nowhere to answer: spend nothing
-            log.warning("Not answering %s in #%s of server %s: I lack the %s permission there", message.author,
-                        message.channel, message.guild and message.guild.id, missing)
+            log.warning(
+                "Not answering %s in #%s of server %s: I lack the %s permission there",
+                message.author,
+                message.channel,
+                message.guild and message.guild.id,
+                missing,
+            )
             return
         try:  # admitted (limits, cooldown, channel, queue) before anything is downloaded or fetched
-            charge = await self.bot.quota.admit("ask", guild=message.guild, channel=message.channel,
-                                                user=message.author, text=self.strip_mention(message.content))
+            charge = await self.bot.quota.admit(
+                "ask",
+                guild=message.guild,
+                channel=message.channel,
+                user=message.author,
+                text=self.strip_mention(message.content),
+            )
         except UserFacingError as error:
             await self.tell(message, str(error))
             return
         try:
             try:
                 question, images, history = await self.read_conversation(message)
-                await self.bot.quota.moderate("ask", [question, *(turn.text for turn in history)],  # all it reads
-                                              guild=message.guild, channel=message.channel, user=message.author)
+                await self.bot.quota.moderate(
+                    "ask",
+                    [question, *(turn.text for turn in history)],  # all it reads
+                    guild=message.guild,
+                    channel=message.channel,
+                    user=message.author,
+                )
             except BaseException:
                 await self.bot.quota.refund(charge)
                 raise
-            origin = Origin(message.guild.id if message.guild else 0, message.channel.id, message_id=message.id)
-            await self.answer(ReplyOutput(message), charge, user=message.author, guild=message.guild,
-                              channel=message.channel, question=question, images=images, history=history,
-                              origin=origin)
+            origin = Origin(
+                message.guild.id if message.guild else 0, message.channel.id, message_id=message.id
+            )
+            await self.answer(
+                ReplyOutput(message),
+                charge,
+                user=message.author,
+                guild=message.guild,
+                channel=message.channel,
+                question=question,
+                images=images,
+                history=history,
+                origin=origin,
+            )
         except UserFacingError as error:
             await self.tell(message, str(error))
         except Exception:  # the member must hear back even when something unexpected broke
@@ -202,16 +256,19 @@ class Understanding(commands.Cog):
         """The question, its images and, for a reply chain with the bot, the earlier turns."""
         question = self.strip_mention(message.content)
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
-        images = await read_images(message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
-                                   decoding=self.decoding)
+        images = await read_images(
+            message.attachments, max_bytes=max_bytes, limit=MAX_IMAGES, decoding=self.decoding
+        )
         history: list[Turn] = []
         replied = await self.resolve(message)
         if replied is not None and self.bot.user and replied.author.id == self.bot.user.id:
             history = await self.earlier_turns(replied)
         elif replied is not None:  # a question about someone else's message
             pictures = [a for a in replied.attachments if is_image(a)]
-            images = await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES,
-                                       decoding=self.decoding) + images
+            images = (
+                await read_images(pictures, max_bytes=max_bytes, limit=MAX_IMAGES, decoding=self.decoding)
+                + images
+            )
             if not pictures and replied.content:
                 question = f'About this message: "{clean_text(replied.content)[:1000]}"\n\n{question}'.strip()
         if not question:
@@ -233,7 +290,9 @@ class Understanding(commands.Cog):
             else:
                 pictures = [a for a in current.attachments if is_image(a)][:budget]
                 try:
-                    images = await read_images(pictures, max_bytes=max_bytes, limit=budget, decoding=self.decoding)
+                    images = await read_images(
+                        pictures, max_bytes=max_bytes, limit=budget, decoding=self.decoding
+                    )
                 except UserFacingError:
                     images = []
                 budget -= len(images)
@@ -261,10 +320,16 @@ class Understanding(commands.Cog):
     # ---- slash command and context menu ----------------------------------------------------------------
 
     @app_commands.command()
-    @app_commands.describe(image="The image to look at",
-                           question="What you want to know (default: four prompts that could draw it)")
-    async def describe(self, interaction: discord.Interaction, image: discord.Attachment,
-                       question: app_commands.Range[str, 1, 2000] | None = None) -> None:
+    @app_commands.describe(
+        image="The image to look at",
+        question="What you want to know (default: four prompts that could draw it)",
+    )
+    async def describe(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        question: app_commands.Range[str, 1, 2000] | None = None,
+    ) -> None:
         """Ask Janus about an image, or have it write prompts that could draw it."""
         if question is None:
             await self.write_prompts(interaction, image)
@@ -273,13 +338,20 @@ class Understanding(commands.Cog):
 
     async def write_prompts(self, interaction: discord.Interaction, attachment: discord.Attachment) -> None:
         """Up to four short prompts that could draw the image, numbered, each with an "Imagine n" button; one
-        question for the limits. An answer that is no list of prompts gets a polite word instead; whatever else
+        question for the limits. An answer that is no list of prompts gets a polite word instead;
+        whatever else
         goes wrong once admitted, the member is told in the response and the charge is refunded."""
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
         try:
             check_attachment(attachment, max_bytes=max_bytes)
-            charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                                user=interaction.user, text=prompts.QUESTION, typed="")
+            charge = await self.bot.quota.admit(
+                "ask",
+                guild=interaction.guild,
+                channel=interaction.channel,  # type: ignore[arg-type]
+                user=interaction.user,
+                text=prompts.QUESTION,
+                typed="",
+            )
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
@@ -288,22 +360,39 @@ class Understanding(commands.Cog):
         try:
             await acknowledge(interaction)
             images = await read_images([attachment], max_bytes=max_bytes, limit=1, decoding=self.decoding)
-            request = AskRequest(prompts.QUESTION, tuple(images), seed=random.randrange(2**31),
-                                 max_new_tokens=self.bot.settings.max_answer_tokens)
-            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token, created_at=interaction.created_at.timestamp())
+            request = AskRequest(
+                prompts.QUESTION,
+                tuple(images),
+                seed=random.randrange(2**31),
+                max_new_tokens=self.bot.settings.max_answer_tokens,
+            )
+            origin = Origin(
+                interaction.guild_id or 0,
+                interaction.channel_id or 0,
+                interaction.application_id,
+                interaction.token,
+                created_at=interaction.created_at.timestamp(),
+            )
             job = self.bot.backend.ask(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             answer = await job
             if written := prompts.parse_prompts(answer):
-                ids = await self.bot.store.save_prompts(interaction.guild_id or 0, interaction.user.id, written)
-                lines = "\n".join(f"{number}. {quote(prompt, prompts.MAX_PROMPT_CHARS)}"
-                                  for number, prompt in enumerate(written, 1))
-                await output.finish([f"**Prompts that could draw this image**\n{lines}"], view=prompt_buttons(ids))
+                ids = await self.bot.store.save_prompts(
+                    interaction.guild_id or 0, interaction.user.id, written
+                )
+                lines = "\n".join(
+                    f"{number}. {quote(prompt, prompts.MAX_PROMPT_CHARS)}"
+                    for number, prompt in enumerate(written, 1)
+                )
+                await output.finish(
+                    [f"**Prompts that could draw this image**\n{lines}"], view=prompt_buttons(ids)
+                )
             else:
                 await output.finish([NO_PROMPTS])
         except UserFacingError as error:
-            if job is not None and job.elsewhere:  # another process of the bot delivered it (and kept the charge)
+            if (
+                job is not None and job.elsewhere
+            ):  # another process of the bot delivered it (and kept the charge)
                 return
             await self.bot.quota.refund(charge)
             await output.finish([str(error)])
@@ -319,8 +408,14 @@ class Understanding(commands.Cog):
             raise
         finally:
             self.bot.quota.release(charge)
-        await self.bot.quota.report("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                    user=interaction.user, text=prompts.QUESTION, answer=answer)
+        await self.bot.quota.report(
+            "ask",
+            guild=interaction.guild,
+            channel=interaction.channel,  # type: ignore[arg-type]
+            user=interaction.user,
+            text=prompts.QUESTION,
+            answer=answer,
+        )
 
     async def ask_about_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """Context menu: ask about the images of any message (a short form asks what to ask)."""
@@ -330,16 +425,22 @@ class Understanding(commands.Cog):
             return
         await interaction.response.send_modal(AskModal(self, pictures))
 
-    async def answer_interaction(self, interaction: discord.Interaction, attachments: list[discord.Attachment],
-                                 question: str) -> None:
+    async def answer_interaction(
+        self, interaction: discord.Interaction, attachments: list[discord.Attachment], question: str
+    ) -> None:
         """The interaction flavour: refusals are ephemeral, the answer is public. Whatever goes wrong once the
         request is admitted, the member is told in the response and the charge is refunded."""
         max_bytes = int(self.bot.settings.max_attachment_mb * 2**20)
         try:
             for attachment in attachments[:MAX_IMAGES]:
                 check_attachment(attachment, max_bytes=max_bytes)
-            charge = await self.bot.quota.admit("ask", guild=interaction.guild, channel=interaction.channel,  # type: ignore[arg-type]
-                                                user=interaction.user, text=question)
+            charge = await self.bot.quota.admit(
+                "ask",
+                guild=interaction.guild,
+                channel=interaction.channel,  # type: ignore[arg-type]
+                user=interaction.user,
+                text=question,
+            )
         except UserFacingError as error:
             await reply_privately(interaction, str(error))
             return
@@ -347,16 +448,31 @@ class Understanding(commands.Cog):
         try:
             await acknowledge(interaction)
             try:
-                images = await read_images(attachments, max_bytes=max_bytes, limit=MAX_IMAGES,
-                                           decoding=self.decoding)
-            except BaseException:  # unreadable once downloaded: a public "thinking" message can't turn private
+                images = await read_images(
+                    attachments, max_bytes=max_bytes, limit=MAX_IMAGES, decoding=self.decoding
+                )
+            except (
+                BaseException
+            ):  # unreadable once downloaded: a public "thinking" message can't turn private
                 await self.bot.quota.refund(charge)
                 raise
-            origin = Origin(interaction.guild_id or 0, interaction.channel_id or 0, interaction.application_id,
-                            interaction.token, created_at=interaction.created_at.timestamp())
-            await self.answer(output, charge, user=interaction.user, guild=interaction.guild,
-                              channel=interaction.channel,  # type: ignore[arg-type]
-                              question=question, images=images, origin=origin)
+            origin = Origin(
+                interaction.guild_id or 0,
+                interaction.channel_id or 0,
+                interaction.application_id,
+                interaction.token,
+                created_at=interaction.created_at.timestamp(),
+            )
+            await self.answer(
+                output,
+                charge,
+                user=interaction.user,
+                guild=interaction.guild,
+                channel=interaction.channel,  # type: ignore[arg-type]
+                question=question,
+                images=images,
+                origin=origin,
+            )
         except UserFacingError as error:
             await output.finish([str(error)])
         except Exception:  # a bug or a failure between here and the engine: still an answer
@@ -370,7 +486,10 @@ class AskModal(discord.ui.Modal, title="Ask Janus"):
     """The question to ask about a message's images."""
 
     question: discord.ui.TextInput[AskModal] = discord.ui.TextInput(
-        label="Your question", placeholder=DESCRIBE, required=False, max_length=2000,
+        label="Your question",
+        placeholder=DESCRIBE,
+        required=False,
+        max_length=2000,
         style=discord.TextStyle.paragraph,
     )
 
@@ -379,7 +498,9 @@ class AskModal(discord.ui.Modal, title="Ask Janus"):
         self.cog, self.attachments = cog, attachments
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.cog.answer_interaction(interaction, self.attachments, clean_text(self.question.value) or DESCRIBE)
+        await self.cog.answer_interaction(
+            interaction, self.attachments, clean_text(self.question.value) or DESCRIBE
+        )
 
 
 async def setup(bot: JanusBot) -> None:

@@ -30,7 +30,8 @@ def one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def restore_logging():
-    """`main()` configures the root logger onto a captured stream; put it back so later tests log nowhere stale."""
+    """`main()` configures the root logger onto a captured stream; put it back so later tests log nowhere
+    stale."""
     import logging
 
     root = logging.getLogger()
@@ -67,8 +68,15 @@ def studio(tiny_dir: Path):
     """The tiny model and upscaler, loaded once through the path users take."""
     from bot.studio import Studio
 
-    return Studio.load(Settings(_env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu",
-                                upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth")), preview_seconds=0)
+    return Studio.load(
+        Settings(
+            _env_file=None,
+            janus_model=str(tiny_dir / "janus"),
+            janus_device="cpu",
+            upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth"),
+        ),
+        preview_seconds=0,
+    )
 
 
 @pytest.fixture
@@ -78,8 +86,9 @@ def png_bytes():
 
     from PIL import Image
 
-    def make(size: tuple[int, int] = (80, 50), mode: str = "RGB", color: object = (200, 30, 30),
-             fmt: str = "PNG") -> bytes:
+    def make(
+        size: tuple[int, int] = (80, 50), mode: str = "RGB", color: object = (200, 30, 30), fmt: str = "PNG"
+    ) -> bytes:
         buffer = io.BytesIO()
         Image.new(mode, size, color).save(buffer, format=fmt)
         return buffer.getvalue()
@@ -102,9 +111,13 @@ async def make_bot(settings: Settings, studio, monkeypatch: pytest.MonkeyPatch):
     async def make(**overrides: object) -> JanusBot:
         current = settings.model_copy(update={"status_update_seconds": 0.0, **overrides})
         store = await UsageStore.connect(current.database_path)
-        executor = GpuExecutor(current.queue_size, max_batch=current.max_batch_images,
-                               job_timeout=current.job_timeout_seconds, stuck_grace=current.gpu_stuck_seconds,
-                               notify_interval=0.0)
+        executor = GpuExecutor(
+            current.queue_size,
+            max_batch=current.max_batch_images,
+            job_timeout=current.job_timeout_seconds,
+            stuck_grace=current.gpu_stuck_seconds,
+            notify_interval=0.0,
+        )
         bot = JanusBot(settings=current, store=store, executor=executor, studio=studio, shard_count=1)
         made.append(bot)
         return bot

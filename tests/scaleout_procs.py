@@ -52,8 +52,9 @@ class FakeStudio:
     def describe(self) -> dict[str, object]:
         return {"device": "fake:0", "dtype": "bfloat16", "gpu_memory_bytes": 3 * 2**30}
 
-    def imagine_batch(self, requests: Sequence[ImagineRequest],
-                      reports: Sequence[Reporter]) -> list[list[Drawing]]:
+    def imagine_batch(
+        self, requests: Sequence[ImagineRequest], reports: Sequence[Reporter]
+    ) -> list[list[Drawing]]:
         hang = any([self._note(request.prompt) for request in requests])  # each noted
         asked = [float(m[1]) for r in requests if (m := re.search(r"slow:([\d.]+)", r.prompt))]
         seconds = max(asked, default=0.2)
@@ -69,8 +70,13 @@ class FakeStudio:
                 os.kill(os.getpid(), signal.SIGKILL)
         if any("fail me" in request.prompt for request in requests):
             raise RuntimeError("the fake studio was asked to fail")
-        return [[Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
-                 for i in range(r.count)] for r in requests]
+        return [
+            [
+                Drawing(Image.new("RGB", (SIDE, SIDE), color(r.prompt, r.seed, i)), (r.seed, i))
+                for i in range(r.count)
+            ]
+            for r in requests
+        ]
 
     def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
         """A solid square four times a drawing's side, coloured by its tokens."""
@@ -79,8 +85,10 @@ class FakeStudio:
 
     def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter]) -> list[str]:
         hang = any([self._note(request.question) for request in requests])
-        answers = [f"{len(r.images)} image(s): " + " ".join(f"{i.width}x{i.height}" for i in r.images)
-                   for r in requests]
+        answers = [
+            f"{len(r.images)} image(s): " + " ".join(f"{i.width}x{i.height}" for i in r.images)
+            for r in requests
+        ]
         asked = [float(m[1]) for r in requests if (m := re.search(r"slow:([\d.]+)", r.question))]
         seconds = max(asked, default=0.2)
         for _step in range(STEPS):  # half of each answer, then the rest once the time is up
@@ -134,8 +142,9 @@ async def submit_and_wait(prompt: str, guild: int, channel: int, owner: int) -> 
     from bot.redis.backend import RedisBackend
 
     async with RedisBackend.connect(load_settings()) as backend:
-        job = backend.imagine(ImagineRequest(prompt, count=2, seed=7), owner=owner,
-                              origin=Origin(guild, channel))
+        job = backend.imagine(
+            ImagineRequest(prompt, count=2, seed=7), owner=owner, origin=Origin(guild, channel)
+        )
         print("queued", job.id, flush=True)
         async with asyncio.timeout(30):
             while job.progress is None:

@@ -32,12 +32,17 @@ class Scene:
         return [m for m in (channel or self.channel).history() if m.author.id == me]
 
     def bodies(self, method: str | None = None, path_part: str = "") -> list[dict]:
-        """JSON bodies of the bot's REST calls, in order (optionally one method, path containing `path_part`)."""
-        return [e.json for e in self.env.http_requests
-                if isinstance(e.json, dict) and (method is None or e.method == method) and path_part in e.path]
+        """JSON bodies of the bot's REST calls, in order (optionally one method, path containing
+        `path_part`)."""
+        return [
+            e.json
+            for e in self.env.http_requests
+            if isinstance(e.json, dict) and (method is None or e.method == method) and path_part in e.path
+        ]
 
     def contents(self, method: str | None = None) -> list[str]:
-        """Every message text the bot sent or edited in, in order (a V2 message's text displays, one per line)."""
+        """Every message text the bot sent or edited in, in order (a V2 message's text displays, one
+        per line)."""
         texts = []
         for body in self.bodies(method):
             if isinstance(body.get("content"), str):
@@ -50,8 +55,13 @@ class Scene:
 def open_scene(env: simcord.Env) -> Scene:
     guild = env.create_guild()
     channel = guild.create_text_channel("general")
-    return Scene(env, guild, channel, guild.add_member(env.create_user("alice")),
-                 guild.add_member(env.create_user("bob")))
+    return Scene(
+        env,
+        guild,
+        channel,
+        guild.add_member(env.create_user("alice")),
+        guild.add_member(env.create_user("bob")),
+    )
 
 
 def text_displays(components: list[dict]) -> str:
@@ -75,7 +85,9 @@ def components_of(message: Any) -> list[dict]:
 
 def labels(message: Any) -> list[str]:
     """The labels of a message's buttons and the placeholders of its select menus, in order."""
-    return [c.get("label") or c.get("placeholder") or "" for c in components_of(message) if c["type"] in (2, 3)]
+    return [
+        c.get("label") or c.get("placeholder") or "" for c in components_of(message) if c["type"] in (2, 3)
+    ]
 
 
 async def decode(attachment: discord.Attachment) -> Image.Image:

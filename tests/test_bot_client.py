@@ -1,4 +1,5 @@
-"""The client (bot/client.py) through SimCord: REST calls follow DISCORD_API_BASE, the cogs' commands are synced
+"""The client (bot/client.py) through SimCord: REST calls follow DISCORD_API_BASE, the cogs' commands are
+synced
 (to DEV_GUILD_ID too), message content is asked for, and the client shards itself."""
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ async def test_every_rest_call_goes_to_discord_api_base(make_bot, monkeypatch):
         await scene.alice.slash(scene.channel, "imagine", prompt="a cat", count=1, seed=1)
 
     paths = [url.removeprefix(BASE) for _method, url in seen]
-    for expected in ("/oauth2/applications/@me", "/commands", "/typing", "/messages", "/callback", "@original"):
+    for expected in (
+        "/oauth2/applications/@me",
+        "/commands",
+        "/typing",
+        "/messages",
+        "/callback",
+        "@original",
+    ):
         assert any(path.endswith(expected) for path in paths), expected
     assert all(url.startswith(BASE + "/") for _method, url in seen)
 
@@ -53,7 +61,9 @@ async def test_commands_are_synced_globally_and_to_the_dev_guild(make_bot):
 
 
 async def test_the_client_reads_message_content_and_shards_itself(settings, monkeypatch):
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # the bot sets it; restore it after
+    monkeypatch.setattr(
+        discord.http.Route, "BASE", discord.http.Route.BASE
+    )  # the bot sets it; restore it after
     assert make_intents().message_content
     assert issubclass(JanusBot, commands.AutoShardedBot)
     # `python -m bot` gives no shard count, so discord.py asks Discord (GET /gateway/bot) how many it needs.
@@ -62,14 +72,17 @@ async def test_the_client_reads_message_content_and_shards_itself(settings, monk
 
 
 async def test_the_gateway_follows_discord_gateway_url(make_bot, monkeypatch):
-    """Auto-sharding asks GET /gateway/bot for the shard count; the URL it connects to is DISCORD_GATEWAY_URL."""
+    """Auto-sharding asks GET /gateway/bot for the shard count; the URL it connects to is
+    DISCORD_GATEWAY_URL."""
     gateway = "ws://127.0.0.1:9998/gateway"
 
     async def discord_answer(self) -> tuple[int, str, dict]:
         return 3, "wss://gateway.discord.gg", {"total": 1000}
 
     monkeypatch.setattr(discord.http.HTTPClient, "get_bot_gateway", discord_answer)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    )
     bot = await make_bot(discord_gateway_url=gateway)
     shards, url, _limits = await bot.http.get_bot_gateway()
     assert (shards, url) == (3, gateway)

@@ -1,6 +1,7 @@
 """User stories of the Components V2 gallery (cogs/gallery.py): one message that is the status and then the
 gallery, Upscale and Vary per image, Remix, Re-roll, Describe, Delete, /describe's prompts with their Imagine
-buttons, all also after a restart, and every action under the presser's limits. The tiny Janus draws 64 px images
+buttons, all also after a restart, and every action under the presser's limits. The tiny Janus draws 64 px
+images
 from a 4 x 4 token grid; the gallery shows them upscaled x2 (128 px) and Upscale posts 256 px."""
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from cogs.understanding import NO_PROMPTS
 
 SIDE = 128
 V2 = 1 << 15
-WRITTEN = ("Here you go:\n1. **A red fox in deep snow**, watercolor\n2) a small fox asleep under pine trees\n"
-           "3: \"foxes playing in a winter meadow\"\n4 - a fox portrait, oil painting\n5. one too many here")
+WRITTEN = (
+    "Here you go:\n1. **A red fox in deep snow**, watercolor\n2) a small fox asleep under pine trees\n"
+    '3: "foxes playing in a winter meadow"\n4 - a fox portrait, oil painting\n5. one too many here'
+)
 
 
 @pytest.fixture
@@ -44,8 +47,10 @@ class PromptWriter:
         self.real, self.answer = real, answer
 
     def ask_batch(self, requests: list[AskRequest], reports):
-        return [self.answer if "numbered list" in r.question else f"saw {fingerprint(r.images[0])}"
-                for r in requests]
+        return [
+            self.answer if "numbered list" in r.question else f"saw {fingerprint(r.images[0])}"
+            for r in requests
+        ]
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)
@@ -61,7 +66,9 @@ async def images_of(message) -> list[Image.Image]:
 
 def gallery_id(message) -> int:
     """The gallery id its Delete button carries."""
-    [custom_id] = [c["custom_id"] for c in components_of(message) if c.get("custom_id", "").startswith("janus:delete")]
+    [custom_id] = [
+        c["custom_id"] for c in components_of(message) if c.get("custom_id", "").startswith("janus:delete")
+    ]
     return int(custom_id.rsplit(":", 1)[1])
 
 
@@ -87,7 +94,9 @@ async def test_the_status_becomes_the_gallery_in_one_components_v2_message(scene
     gallery = await draw(scene, count=3, seed=42)
 
     edits = scene.bodies("PATCH", "@original")
-    assert edits and all(edit["flags"] & V2 and not edit.get("content") for edit in edits)  # V2 from the first edit
+    assert edits and all(
+        edit["flags"] & V2 and not edit.get("content") for edit in edits
+    )  # V2 from the first edit
     assert any("Drawing 3 image(s)" in text_displays(edit["components"]) for edit in edits)
     assert gallery.flags.value & V2
     [container] = gallery.components
@@ -97,18 +106,41 @@ async def test_the_status_becomes_the_gallery_in_one_components_v2_message(scene
     assert names == ["janus_42_1.png", "janus_42_2.png", "janus_42_3.png"]  # the preview was replaced
     assert [item["media"]["url"] for item in media["items"]] == [a.url for a in gallery.attachments]
     caption = text_of(gallery)
-    for shown in ("a paper boat", scene.alice.mention, "seed `42`", "guidance 5", "temperature 1", "3 image(s)",
-                  f"{SIDE}×{SIDE}"):
+    for shown in (
+        "a paper boat",
+        scene.alice.mention,
+        "seed `42`",
+        "guidance 5",
+        "temperature 1",
+        "3 image(s)",
+        f"{SIDE}×{SIDE}",
+    ):
         assert shown in caption
-    assert labels(gallery) == ["U1", "U2", "U3", "V1", "V2", "V3", "💬 Describe an image…", "Re-roll", "Remix",
-                               "Delete"]
+    assert labels(gallery) == [
+        "U1",
+        "U2",
+        "U3",
+        "V1",
+        "V2",
+        "V3",
+        "💬 Describe an image…",
+        "Re-roll",
+        "Remix",
+        "Delete",
+    ]
 
 
 async def test_a_gallery_of_more_than_four_offers_menus_to_upscale_and_vary(scene):
     gallery = await draw(scene, count=5, seed=4)
 
-    assert labels(gallery) == ["🔍 Upscale an image…", "🔀 Vary an image…", "💬 Describe an image…", "Re-roll",
-                               "Remix", "Delete"]
+    assert labels(gallery) == [
+        "🔍 Upscale an image…",
+        "🔀 Vary an image…",
+        "💬 Describe an image…",
+        "Re-roll",
+        "Remix",
+        "Delete",
+    ]
     upscale_menu = next(c for c in components_of(gallery) if c.get("custom_id", "").startswith("janus:upsel"))
     assert [o["label"] for o in upscale_menu["options"]] == [f"Image {i}" for i in range(1, 6)]
 
@@ -135,7 +167,8 @@ async def test_a_gallery_over_the_upload_limit_is_split_with_each_images_actions
     assert not remaining & {m.id for m in messages}  # every part went
 
 
-# ---- Upscale -------------------------------------------------------------------------------------------------
+# ---- Upscale
+# -------------------------------------------------------------------------------------------------
 
 
 async def test_upscale_posts_that_image_alone_at_twice_the_side_as_a_reply(scene, studio):
@@ -182,7 +215,8 @@ async def test_a_failed_upscale_is_told_privately_and_refunded(scene, studio):
     assert "Generations: 0/20 used" in (await scene.bob.slash(scene.channel, "usage")).response.content
 
 
-# ---- Vary ------------------------------------------------------------------------------------------------------
+# ---- Vary
+# ------------------------------------------------------------------------------------------------------
 
 
 async def test_vary_keeps_exactly_the_first_token_rows_of_that_image_and_redraws_the_rest(scene):
@@ -206,7 +240,8 @@ async def test_vary_keeps_exactly_the_first_token_rows_of_that_image_and_redraws
     assert all(child[:kept] == parent[0][:kept] for child in await tokens_of(scene, other))
 
 
-# ---- Remix, Re-roll, Describe ------------------------------------------------------------------------------------
+# ---- Remix, Re-roll, Describe
+# ------------------------------------------------------------------------------------
 
 
 async def test_remix_opens_a_prefilled_form_and_draws_the_edit_with_the_same_seed(scene):
@@ -216,16 +251,21 @@ async def test_remix_opens_a_prefilled_form_and_draws_the_edit_with_the_same_see
 
     fields = {c["custom_id"]: c.get("value") for row in shown.modal["components"] for c in row["components"]}
     assert fields == {"prompt": "a paper boat", "guidance": "6.5", "temperature": "0.8"}
-    remixed = (await scene.bob.submit_modal(shown, {"prompt": "a paper boat at night", "guidance": "7",
-                                                    "temperature": "0.5"})).response
+    remixed = (
+        await scene.bob.submit_modal(
+            shown, {"prompt": "a paper boat at night", "guidance": "7", "temperature": "0.5"}
+        )
+    ).response
     caption = text_of(remixed)
     assert "a paper boat at night" in caption and scene.bob.mention in caption
     assert "seed `11` · guidance 7 · temperature 0.5 · 2 image(s)" in caption
     same = await draw(scene, prompt="a paper boat at night", guidance=7.0, temperature=0.5)
     assert [im.tobytes() for im in await images_of(remixed)] == [im.tobytes() for im in await images_of(same)]
 
-    refused = await scene.bob.submit_modal(await scene.bob.click(gallery, label="Remix"),
-                                           {"prompt": "a boat", "guidance": "12", "temperature": "0.5"})
+    refused = await scene.bob.submit_modal(
+        await scene.bob.click(gallery, label="Remix"),
+        {"prompt": "a boat", "guidance": "12", "temperature": "0.5"},
+    )
     assert refused.ephemeral and refused.response.content == "Guidance must be from 1 to 10, not 12."
 
 
@@ -238,17 +278,25 @@ async def test_every_action_works_after_a_restart(scene, studio, make_bot):
     scene.env.bot.studio = PromptWriter(studio)
 
     assert "Image 1, upscaled" in text_of(
-        next(m for m in (await _after(scene, scene.alice.click(gallery, label="U1")))
-             if m.reference and m.reference.message_id == gallery.id))
+        next(
+            m
+            for m in (await _after(scene, scene.alice.click(gallery, label="U1")))
+            if m.reference and m.reference.message_id == gallery.id
+        )
+    )
     assert "Variations of image 2" in text_of((await scene.alice.click(gallery, label="V2")).response)
     assert "seed `" in text_of((await scene.alice.click(gallery, label="Re-roll")).response)
     shown = await scene.alice.click(gallery, label="Remix")
-    remixed = await scene.alice.submit_modal(shown, {"prompt": "a paper plane", "guidance": "5", "temperature": "1"})
+    remixed = await scene.alice.submit_modal(
+        shown, {"prompt": "a paper plane", "guidance": "5", "temperature": "1"}
+    )
     assert "a paper plane" in text_of(remixed.response)
     opened = await scene.bob.click(gallery, label="Remix")  # a form open while the bot restarts
     await scene.env.restart_bot(await make_bot(images_per_prompt=2))
     scene.env.bot.studio = PromptWriter(studio)
-    sent = await scene.bob.submit_modal(opened, {"prompt": "a paper crane", "guidance": "5", "temperature": "1"})
+    sent = await scene.bob.submit_modal(
+        opened, {"prompt": "a paper crane", "guidance": "5", "temperature": "1"}
+    )
     assert text_of(sent.response).startswith(f"**a paper crane** — {scene.bob.mention}")
     described = await scene.alice.select(gallery, ["1"])
     assert described.response.content == f"saw {fingerprint((await images_of(gallery))[1])}"
@@ -268,7 +316,8 @@ def png(color=(20, 90, 200)) -> bytes:
     return buffer.getvalue()
 
 
-# ---- /describe writes prompts ------------------------------------------------------------------------------------
+# ---- /describe writes prompts
+# ------------------------------------------------------------------------------------
 
 
 async def test_describe_without_a_question_writes_four_prompts_to_imagine(scene, studio):
@@ -279,14 +328,17 @@ async def test_describe_without_a_question_writes_four_prompts_to_imagine(scene,
     assert not written.ephemeral
     assert written.response.content == (
         "**Prompts that could draw this image**\n1. A red fox in deep snow, watercolor\n"
-        "2. a small fox asleep under pine trees\n3. foxes playing in a winter meadow\n4. a fox portrait, oil painting")
+        "2. a small fox asleep under pine trees\n3. foxes playing in a winter meadow\n"
+        "4. a fox portrait, oil painting"
+    )
     assert labels(written.response) == ["Imagine 1", "Imagine 2", "Imagine 3", "Imagine 4"]
     drawn = (await scene.bob.click(written.response, label="Imagine 2")).response
     assert text_of(drawn).startswith(f"**a small fox asleep under pine trees** — {scene.bob.mention}")
     assert len(drawn.attachments) == 2  # IMAGES_PER_PROMPT
 
-    asked = await scene.alice.slash(scene.channel, "describe", image=("fox.png", png()),
-                                    question="What colour is it?")
+    asked = await scene.alice.slash(
+        scene.channel, "describe", image=("fox.png", png()), question="What colour is it?"
+    )
     assert asked.response.content.startswith("saw ") and not labels(asked.response)  # a question: an answer
 
 
@@ -307,7 +359,8 @@ async def test_describe_with_the_real_tiny_model_writes_prompts_or_says_it_could
     assert text == NO_PROMPTS or (numbered and labels(written.response) == [f"Imagine {n}" for n in numbered])
 
 
-# ---- limits: the presser is the requester -------------------------------------------------------------------------
+# ---- limits: the presser is the requester
+# -------------------------------------------------------------------------
 
 
 async def test_every_action_admits_and_charges_whoever_presses(scene, studio):

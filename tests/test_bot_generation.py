@@ -45,6 +45,7 @@ def hold_gpu(scene: Scene, *until_shown: str, then=None) -> None:
                 time.sleep(0.005)
             if then:
                 then()
+
         return job
 
     for text in until_shown:
@@ -83,17 +84,29 @@ async def test_imagine_acknowledges_at_once_then_posts_the_upscaled_gallery(scen
     assert all(i > defer_at for i, (method, *_rest) in enumerate(requests) if method == "PATCH")
     gallery = result.response
     assert not result.ephemeral and not result.deferred
-    assert [a.filename for a in gallery.attachments] == [f"janus_42_{i}.png" for i in (1, 2, 3)]  # IMAGES_PER_PROMPT
+    assert [a.filename for a in gallery.attachments] == [
+        f"janus_42_{i}.png" for i in (1, 2, 3)
+    ]  # IMAGES_PER_PROMPT
     assert [(im.format, im.size) for im in await images_of(gallery)] == [("PNG", (SIDE, SIDE))] * 3
     caption = text_of(gallery)
-    for shown in ("a red fox in snow", scene.alice.mention, "seed `42`", "guidance 5", "temperature 1",
-                  "3 image(s)", f"{SIDE}×{SIDE}"):
+    for shown in (
+        "a red fox in snow",
+        scene.alice.mention,
+        "seed `42`",
+        "guidance 5",
+        "temperature 1",
+        "3 image(s)",
+        f"{SIDE}×{SIDE}",
+    ):
         assert shown in caption
 
-    result = await scene.alice.slash(scene.channel, "imagine", prompt="a red fox", count=1, guidance=7.5,
-                                     temperature=0.5, seed=7)
+    result = await scene.alice.slash(
+        scene.channel, "imagine", prompt="a red fox", count=1, guidance=7.5, temperature=0.5, seed=7
+    )
     assert len(result.response.attachments) == 1
-    assert "guidance 7.5 · temperature 0.5" in text_of(result.response) and "seed `7`" in text_of(result.response)
+    assert "guidance 7.5 · temperature 0.5" in text_of(result.response) and "seed `7`" in text_of(
+        result.response
+    )
 
 
 async def test_status_shows_queue_position_then_progress_with_previews(scene):
@@ -103,11 +116,15 @@ async def test_status_shows_queue_position_then_progress_with_previews(scene):
 
     edits = scene.bodies("PATCH", "@original")
     texts = [text_displays(edit["components"]) for edit in edits]
-    first = {key: next(i for i, t in enumerate(texts) if key in t)
-             for key in ("Waiting in line: #2", "Waiting in line: #1", "Drawing 2 image(s)")}
+    first = {
+        key: next(i for i, t in enumerate(texts) if key in t)
+        for key in ("Waiting in line: #2", "Waiting in line: #1", "Drawing 2 image(s)")
+    }
     assert first["Waiting in line: #2"] < first["Waiting in line: #1"] < first["Drawing 2 image(s)"]
     assert len({t for t in texts if "Drawing" in t}) >= 3  # the progress moves
-    previews = [i for i, edit in enumerate(edits) if edit.get("attachments") == [{"id": 0, "filename": "preview.png"}]]
+    previews = [
+        i for i, edit in enumerate(edits) if edit.get("attachments") == [{"id": 0, "filename": "preview.png"}]
+    ]
     assert previews and all("Drawing" in texts[i] for i in previews)
     assert len(result.response.attachments) == 2 and "a lighthouse" in text_of(result.response)
 
@@ -123,7 +140,9 @@ async def test_status_shows_queue_position_then_progress_with_previews(scene):
 async def first_preview(scene: Scene) -> Image.Image:
     """The first preview.png the status message showed (SimCord keeps every upload in its CDN)."""
     for kind, event, payload in scene.env.backend.transcript:
-        for attachment in payload.get("attachments", []) if kind == "GATEWAY" and event == "MESSAGE_UPDATE" else []:
+        for attachment in (
+            payload.get("attachments", []) if kind == "GATEWAY" and event == "MESSAGE_UPDATE" else []
+        ):
             if attachment["filename"] == "preview.png":
                 return Image.open(io.BytesIO(scene.env.backend.cdn.get(attachment["url"]))).convert("RGB")
     raise AssertionError("no preview was shown")
@@ -131,7 +150,9 @@ async def first_preview(scene: Scene) -> Image.Image:
 
 async def test_same_seed_same_images_and_another_seed_other_images(scene):
     async def draw(seed: int) -> bytes:
-        result = await scene.alice.slash(scene.channel, "imagine", prompt="a bowl of fruit", count=1, seed=seed)
+        result = await scene.alice.slash(
+            scene.channel, "imagine", prompt="a bowl of fruit", count=1, seed=seed
+        )
         [image] = await images_of(result.response)
         return image.convert("RGB").tobytes()
 
@@ -148,13 +169,17 @@ async def test_gallery_buttons_reroll_describe_and_delete(scene, studio):
     carol = scene.guild.add_member(scene.env.create_user("carol"))
     moderators = scene.guild.create_role("mods", permissions=discord.Permissions(manage_messages=True))
     mod = scene.guild.add_member(scene.env.create_user("mod"), roles=[moderators])
-    gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2, seed=11)).response
+    gallery = (
+        await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2, seed=11)
+    ).response
 
     reroll = (await scene.alice.click(gallery, label="Re-roll")).response
     caption = text_of(reroll)
     assert "a paper boat" in caption and "seed `11`" not in caption and "seed `" in caption
     assert [im.size for im in await images_of(reroll)] == [(SIDE, SIDE)] * 2
-    assert [im.tobytes() for im in await images_of(reroll)] != [im.tobytes() for im in await images_of(gallery)]
+    assert [im.tobytes() for im in await images_of(reroll)] != [
+        im.tobytes() for im in await images_of(gallery)
+    ]
 
     described = await scene.bob.select(gallery, ["1"])  # "Image 2"; anyone may ask
     first, second = await images_of(gallery)
@@ -192,8 +217,11 @@ async def test_job_finishing_after_the_token_expired_is_posted_in_the_channel(sc
     # a cog awaiting its job is not a wait SimCord can park. So the job holding the GPU moves SimCord's clock
     # itself, once the member saw their place in line: the token then dies while the request waits.
     loop = asyncio.get_running_loop()
-    hold_gpu(scene, "Waiting in line: #1",
-             then=lambda: loop.call_soon_threadsafe(scene.env.backend.advance_clock, 16 * 60))
+    hold_gpu(
+        scene,
+        "Waiting in line: #1",
+        then=lambda: loop.call_soon_threadsafe(scene.env.backend.advance_clock, 16 * 60),
+    )
 
     result = await scene.alice.slash(scene.channel, "imagine", prompt="a snowy owl", count=2, seed=9)
 
@@ -201,10 +229,18 @@ async def test_job_finishing_after_the_token_expired_is_posted_in_the_channel(sc
     posted = scene.bot_messages()[-1]
     assert posted.id != result.response.id
     assert text_of(posted).startswith(f"{scene.alice.mention} **a snowy owl**")
-    assert scene.env.backend.get_message(scene.channel.id, posted.id).ping_user_ids == [scene.alice.id]  # pinged
+    assert scene.env.backend.get_message(scene.channel.id, posted.id).ping_user_ids == [
+        scene.alice.id
+    ]  # pinged
     assert [im.size for im in await images_of(posted)] == [(SIDE, SIDE)] * 2
     assert {c["custom_id"].split(":")[1] for c in components_of(posted) if "custom_id" in c} == {
-        "up", "vary", "reroll", "remix", "delete", "describe"}
+        "up",
+        "vary",
+        "reroll",
+        "remix",
+        "delete",
+        "describe",
+    }
     [body] = scene.bodies("POST", f"/channels/{scene.channel.id}/messages")
     assert body["allowed_mentions"]["parse"] == [] and body["allowed_mentions"]["users"] == [scene.alice.id]
 
@@ -247,7 +283,11 @@ async def test_echoed_prompt_never_pings_everyone_or_roles(scene):
     gallery = result.response
     assert "@everyone" in text_of(gallery) and f"<@&{role.id}>" in text_of(gallery)  # echoed, but inert:
     stored = scene.env.backend.get_message(scene.channel.id, gallery.id)  # SimCord's record of who was pinged
-    assert not stored.mention_everyone and stored.ping_role_ids == [] and scene.bob.id not in stored.ping_user_ids
+    assert (
+        not stored.mention_everyone
+        and stored.ping_role_ids == []
+        and scene.bob.id not in stored.ping_user_ids
+    )
     for body in scene.bodies():
         if "@everyone" in body.get("content", "") + text_displays(body.get("components") or []):
             assert body["allowed_mentions"]["parse"] == [] and not body["allowed_mentions"].get("roles")

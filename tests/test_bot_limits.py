@@ -60,8 +60,9 @@ class Server:
         """The admin runs `/limits <command>`; returns the private answer."""
         return private(await self.admin.slash(self.general, f"limits {command}", **options))
 
-    async def ask(self, member: simcord.MemberActor, question: str,
-                  channel: simcord.ChannelHandle | None = None) -> discord.Message:
+    async def ask(
+        self, member: simcord.MemberActor, question: str, channel: simcord.ChannelHandle | None = None
+    ) -> discord.Message:
         """`member` mentions the bot with a question; returns the bot's reply to it."""
         channel = channel or self.general
         asked = await member.send(channel, f"{self.env.bot.user.mention} {question}")
@@ -70,8 +71,9 @@ class Server:
         return replies[0]
 
 
-def open_server(env: simcord.Env, name: str = "Janus Fans", *,
-                alice: simcord.UserHandle | None = None) -> Server:
+def open_server(
+    env: simcord.Env, name: str = "Janus Fans", *, alice: simcord.UserHandle | None = None
+) -> Server:
     guild = env.create_guild(name)
     general = guild.create_text_channel("general")
     managers = guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
@@ -80,8 +82,9 @@ def open_server(env: simcord.Env, name: str = "Janus Fans", *,
     return Server(env, guild, general, managers, admin, member)
 
 
-async def imagine(member: simcord.MemberActor, channel: simcord.ChannelHandle,
-                  prompt: str = "a lighthouse at dusk") -> simcord.InteractionResult:
+async def imagine(
+    member: simcord.MemberActor, channel: simcord.ChannelHandle, prompt: str = "a lighthouse at dusk"
+) -> simcord.InteractionResult:
     return await member.slash(channel, "imagine", prompt=prompt, count=1)
 
 
@@ -101,8 +104,9 @@ async def usage(member: simcord.MemberActor, channel: simcord.ChannelHandle) -> 
 
 
 @contextlib.asynccontextmanager
-async def gpu_held(executor: GpuExecutor, *, waiting: int = 0,
-                   owner: int | None = None) -> AsyncIterator[None]:
+async def gpu_held(
+    executor: GpuExecutor, *, waiting: int = 0, owner: int | None = None
+) -> AsyncIterator[None]:
     """Hold the GPU thread with a job until the block ends, with `waiting` more jobs (of `owner`) behind it.
 
     The test queues them, outside the bot's work, so SimCord does not wait for them to finish."""
@@ -146,8 +150,12 @@ async def test_a_plain_member_cannot_change_limits(simcord_env: simcord.Env) -> 
     commands = await simcord_env.bot.tree.fetch_commands()
     limits = next(command for command in commands if command.name == "limits")
     server.guild.set_command_permissions(limits, {server.guild.default_role: True})
-    for command, options in (("set", {"generations_per_user": 1000}), ("reset", {}),
-                             ("banned-word remove", {"word": "cat"}), ("log", {})):
+    for command, options in (
+        ("set", {"generations_per_user": 1000}),
+        ("reset", {}),
+        ("banned-word remove", {"word": "cat"}),
+        ("log", {}),
+    ):
         refused = await server.alice.slash(server.general, f"limits {command}", **options)
         assert private(refused) == MANAGERS_ONLY
     # SimCord records what reaches the bot's error handler only when it wraps it; then these refusals are all
@@ -170,9 +178,14 @@ async def test_show_reset_and_usage(simcord_env: simcord.Env) -> None:
     assert drew(await imagine(server.alice, server.general))
 
     shown = await server.limits("show")
-    for line in ("`generations_per_user`: 3 (changed)", "`questions_per_user`: 4 (changed)",
-                 "`generations_per_server`: 500\n", "`cooldown_seconds`: 30 s (changed)",
-                 "Today: 1/500 generations on this server.", "resets in 24 h"):
+    for line in (
+        "`generations_per_user`: 3 (changed)",
+        "`questions_per_user`: 4 (changed)",
+        "`generations_per_server`: 500\n",
+        "`cooldown_seconds`: 30 s (changed)",
+        "Today: 1/500 generations on this server.",
+        "resets in 24 h",
+    ):
         assert line in shown
 
     assert await usage(server.alice, server.general) == (
@@ -206,11 +219,13 @@ async def test_server_wide_limit_cooldown_prompt_length_and_off(simcord_env: sim
     await server.limits("set", generations_per_server=1, cooldown_seconds=60, max_prompt_length=20)
 
     too_long = await imagine(server.alice, server.general, "a lighthouse at dusk, in oils")
-    assert private(too_long) == ("That's 29 characters; the limit here is 20. "
-                                 "Please shorten it and try again.")
+    assert private(too_long) == (
+        "That's 29 characters; the limit here is 20. Please shorten it and try again."
+    )
     assert drew(await imagine(server.alice, server.general))
     assert private(await imagine(bob, server.general)) == (
-        "This server has used 1/1 generations today; resets in 24 h.")
+        "This server has used 1/1 generations today; resets in 24 h."
+    )
 
     await server.limits("set", generations_per_server=100)
     too_soon = await imagine(server.alice, server.general)
@@ -290,7 +305,8 @@ async def test_simultaneous_requests_cannot_overfill_a_members_queue(simcord_env
     channel, member = guild.get_channel(server.general.id), await guild.fetch_member(server.alice.id)
 
     async def request() -> Charge:
-        """What /imagine does: admit, then queue the job, which from then on counts instead of the admission."""
+        """What /imagine does: admit, then queue the job, which from then on counts instead of the
+        admission."""
         charge = await bot.quota.admit("imagine", guild=guild, channel=channel, user=member, text="a cat")
         await asyncio.sleep(0)  # the others are admitted meanwhile (a cog acknowledges, downloads, ...)
         bot.executor.submit(lambda _report: None, kind="imagine", owner=member.id)
@@ -301,7 +317,8 @@ async def test_simultaneous_requests_cannot_overfill_a_members_queue(simcord_env
         outcomes = await asyncio.gather(*(request() for _ in range(4)), return_exceptions=True)
     assert sum(isinstance(outcome, Charge) for outcome in outcomes) == 1
     assert {str(outcome) for outcome in outcomes if not isinstance(outcome, Charge)} == {
-        "You already have 1 request waiting; please wait for it to finish."}
+        "You already have 1 request waiting; please wait for it to finish."
+    }
 
 
 async def test_the_day_rolls_over_at_midnight_utc(simcord_env: simcord.Env) -> None:
@@ -310,7 +327,8 @@ async def test_the_day_rolls_over_at_midnight_utc(simcord_env: simcord.Env) -> N
     await simcord_env.advance_time(23 * 3600 + 59 * 60)  # 23:59 UTC
     assert drew(await imagine(server.alice, server.general))
     assert private(await imagine(server.alice, server.general)) == (
-        "You've used 1/1 generations today on this server; resets in 1 min.")
+        "You've used 1/1 generations today on this server; resets in 1 min."
+    )
 
     await simcord_env.advance_time(60)  # midnight
     assert "Generations: 0/1 used, 1 left" in await usage(server.alice, server.general)
@@ -346,8 +364,9 @@ class FailingStudio:
         raise self.error
 
 
-async def test_a_failed_generation_is_refunded(simcord_env: simcord.Env,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_generation_is_refunded(
+    simcord_env: simcord.Env, caplog: pytest.LogCaptureFixture
+) -> None:
     server = open_server(simcord_env)
     bot: JanusBot = simcord_env.bot
     studio = bot.studio
@@ -391,7 +410,8 @@ async def test_banned_words_are_whole_words_in_any_case(simcord_env: simcord.Env
     refused = await imagine(server.alice, server.general, "a CAT sleeping")
     assert private(refused) == "That contains “cat”, which this server doesn't allow."
     assert (await server.ask(server.alice, "is a cat a pet?")).content == (
-        "That contains “cat”, which this server doesn't allow.")
+        "That contains “cat”, which this server doesn't allow."
+    )
     assert drew(await imagine(server.alice, server.general, "category theory as a painting"))
     assert "Generations: 1/20 used" in await usage(server.alice, server.general)
 
@@ -439,7 +459,8 @@ async def test_nsfw_only(simcord_env: simcord.Env, monkeypatch: pytest.MonkeyPat
     assert "age-restricted channels: yes" in await server.limits("nsfw-only", enabled=True)
 
     assert private(await imagine(server.alice, server.general)) == (
-        "On this server, /imagine works only in age-restricted (NSFW) channels.")
+        "On this server, /imagine works only in age-restricted (NSFW) channels."
+    )
     assert drew(await imagine(server.alice, adults))
     await server.ask(server.alice, "what is a lighthouse?")  # questions are fine anywhere
     assert "Questions: 1/50 used" in await usage(server.alice, server.general)
@@ -450,13 +471,16 @@ async def test_nsfw_only(simcord_env: simcord.Env, monkeypatch: pytest.MonkeyPat
 
 async def test_the_moderation_log_gets_every_generation_and_question(simcord_env: simcord.Env) -> None:
     server = open_server(simcord_env)
-    hidden, shown = (discord.PermissionOverwrite(view_channel=False),
-                     discord.PermissionOverwrite(view_channel=True))
+    hidden, shown = (
+        discord.PermissionOverwrite(view_channel=False),
+        discord.PermissionOverwrite(view_channel=True),
+    )
     moderators_only = {server.guild.default_role: hidden, server.managers: shown}
     closed = server.guild.create_text_channel("mod-only", overwrites=moderators_only)
     assert await server.limits("log", channel=closed) == (
         f"I can't post in {closed.mention}: please give me View Channel, Send Messages, Attach Files there, "
-        "then run this again.")
+        "then run this again."
+    )
     with_the_bot = {**moderators_only, simcord_env.bot.user: shown}
     mod_log = server.guild.create_text_channel("mod-log", overwrites=with_the_bot)
     assert f"Moderation log: {mod_log.mention}" in await server.limits("log", channel=mod_log)
@@ -464,15 +488,19 @@ async def test_the_moderation_log_gets_every_generation_and_question(simcord_env
     drawn = await imagine(server.alice, server.general, "a red fox")
     assert drew(drawn)
     entry = mod_log.last_message
-    assert entry.content.startswith(f"**/imagine** by {server.alice.mention} (`{server.alice.id}`) in "
-                                    f"{server.general.mention}\n> a red fox\n")
+    assert entry.content.startswith(
+        f"**/imagine** by {server.alice.mention} (`{server.alice.id}`) in "
+        f"{server.general.mention}\n> a red fox\n"
+    )
     assert entry.content.endswith(f"Result: {drawn.response.message.jump_url}")
     assert len(entry.attachments) == 1
 
     answer = await server.ask(server.alice, "what does a fox eat?")
     entry = mod_log.last_message
-    assert entry.content.startswith(f"**question** by {server.alice.mention} (`{server.alice.id}`) in "
-                                    f"{server.general.mention}\n> what does a fox eat?\nAnswer: ")
+    assert entry.content.startswith(
+        f"**question** by {server.alice.mention} (`{server.alice.id}`) in "
+        f"{server.general.mention}\n> what does a fox eat?\nAnswer: "
+    )
     assert discord.utils.escape_markdown(answer.content) in entry.content
     assert len(mod_log.history()) == 2
 

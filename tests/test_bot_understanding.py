@@ -1,4 +1,5 @@
-"""User stories of cogs/understanding.py, through the real discord.py client against SimCord and the tiny Janus.
+"""User stories of cogs/understanding.py, through the real discord.py client against SimCord and the tiny
+Janus.
 
 Janus samples with a seed the cog draws per question. Tests pin that draw (the cog's `random`) so the
 answer in the channel can be compared with the answer the model gives directly for the inputs the story
@@ -44,7 +45,8 @@ def scene(simcord_env) -> Scene:
 
 @pytest.fixture
 def fixed_seed(simcord_env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every question is sampled with SEED at TEMPERATURE, so its answer can be reproduced with the model directly
+    """Every question is sampled with SEED at TEMPERATURE, so its answer can be reproduced with the model
+    directly
     (at the demo's 0.1 the tiny random model says nearly the same whatever it is shown)."""
     # load_extension executes the cog's module afresh for each bot: patch the module the running bot uses.
     cog = sys.modules["cogs.understanding"]
@@ -55,8 +57,10 @@ def fixed_seed(simcord_env, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def pictures(png_bytes) -> dict[str, bytes]:
     """Small PNG files; with SEED, the tiny model's answers tell red and red + black from no image."""
-    return {name: png_bytes((64, 64), color=color)
-            for name, color in {"red": (200, 30, 30), "black": (0, 0, 0), "white": (255, 255, 255)}.items()}
+    return {
+        name: png_bytes((64, 64), color=color)
+        for name, color in {"red": (200, 30, 30), "black": (0, 0, 0), "white": (255, 255, 255)}.items()
+    }
 
 
 def rgb(data: bytes) -> Image.Image:
@@ -65,8 +69,11 @@ def rgb(data: bytes) -> Image.Image:
 
 def model_answer(studio, question: str, images=(), history=()) -> str:
     """What the model itself answers with the cog's pinned seed and answer length."""
-    return studio.ask(AskRequest(question, tuple(images), tuple(history), seed=SEED, max_new_tokens=TOKENS,
-                                 temperature=TEMPERATURE))
+    return studio.ask(
+        AskRequest(
+            question, tuple(images), tuple(history), seed=SEED, max_new_tokens=TOKENS, temperature=TEMPERATURE
+        )
+    )
 
 
 class ScriptedModel:
@@ -110,8 +117,10 @@ class EchoModel:
         def said(text: str, images) -> str:
             names = {(200, 30, 30): "red", (0, 0, 0): "black", (255, 255, 255): "white"}
             return text + "".join(f" ({names.get(image.getpixel((0, 0)), '?')})" for image in images)
+
         asked = [said(t.text, t.images) for t in request.history if t.role == "user"]
-        return f"{len(request.history)} turns: {', '.join(asked)} | now: {said(request.question, request.images)}"
+        now = said(request.question, request.images)
+        return f"{len(request.history)} turns: {', '.join(asked)} | now: {now}"
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)
@@ -121,8 +130,11 @@ class EchoModel:
 
 
 async def test_mention_with_images_is_answered_in_a_reply_while_typing(scene, studio, fixed_seed, pictures):
-    question = await scene.alice.send(scene.channel, f"{scene.mention} what is this?",
-                                      attachments=[("red.png", pictures["red"]), ("black.png", pictures["black"])])
+    question = await scene.alice.send(
+        scene.channel,
+        f"{scene.mention} what is this?",
+        attachments=[("red.png", pictures["red"]), ("black.png", pictures["black"])],
+    )
 
     [reply] = scene.bot_messages()
     assert reply.reference.message_id == question.id
@@ -134,8 +146,11 @@ async def test_mention_with_images_is_answered_in_a_reply_while_typing(scene, st
     assert reply.content == expected != ""
 
     scene.env.bot.studio = EchoModel(studio)  # the tiny model's answer does not show that both images went in
-    await scene.alice.send(scene.channel, f"{scene.mention} what is this?",
-                           attachments=[("red.png", pictures["red"]), ("black.png", pictures["black"])])
+    await scene.alice.send(
+        scene.channel,
+        f"{scene.mention} what is this?",
+        attachments=[("red.png", pictures["red"]), ("black.png", pictures["black"])],
+    )
     assert scene.bot_messages()[-1].content == "0 turns:  | now: what is this? (red) (black)"
 
 
@@ -147,7 +162,9 @@ async def test_mention_without_image_gets_a_text_only_answer(scene, studio, fixe
     assert reply.content == model_answer(studio, "tell me a joke") != ""
 
 
-async def test_mention_in_a_reply_to_someones_image_answers_about_that_image(scene, studio, fixed_seed, pictures):
+async def test_mention_in_a_reply_to_someones_image_answers_about_that_image(
+    scene, studio, fixed_seed, pictures
+):
     holiday = await scene.bob.send(scene.channel, "my holiday", attachments=[("red.png", pictures["red"])])
     question = await scene.alice.send(scene.channel, f"{scene.mention} what is this?", reply_to=holiday)
 
@@ -159,9 +176,13 @@ async def test_mention_in_a_reply_to_someones_image_answers_about_that_image(sce
 
 
 async def test_follow_up_to_an_answer_uses_the_reply_chain(scene, studio, fixed_seed, pictures):
-    await scene.alice.send(scene.channel, f"{scene.mention} what is this?", attachments=[("red.png", pictures["red"])])
+    await scene.alice.send(
+        scene.channel, f"{scene.mention} what is this?", attachments=[("red.png", pictures["red"])]
+    )
     [first] = scene.bot_messages()
-    follow_up = await scene.alice.send(scene.channel, "and what colour is it?", reply_to=first)  # no mention needed
+    follow_up = await scene.alice.send(
+        scene.channel, "and what colour is it?", reply_to=first
+    )  # no mention needed
 
     second = scene.bot_messages()[-1]
     assert second.reference.message_id == follow_up.id
@@ -172,11 +193,14 @@ async def test_follow_up_to_an_answer_uses_the_reply_chain(scene, studio, fixed_
 
 
 async def chain(scene: Scene, images: list[bytes | None]) -> str:
-    """Alice asks, then keeps replying to the bot's latest answer; returns the bot's answer to one more reply."""
+    """Alice asks, then keeps replying to the bot's latest answer; returns the bot's answer to one more
+    reply."""
     latest = None
     for index, image in enumerate(images):
         text = f"question {index}" if latest else f"{scene.mention} question {index}"
-        await scene.alice.send(scene.channel, text, reply_to=latest, attachments=[("p.png", image)] if image else [])
+        await scene.alice.send(
+            scene.channel, text, reply_to=latest, attachments=[("p.png", image)] if image else []
+        )
         latest = scene.bot_messages()[-1]
     await scene.alice.send(scene.channel, "and now?", reply_to=latest)
     return scene.bot_messages()[-1].content
@@ -188,20 +212,23 @@ async def test_reply_chain_context_is_bounded_in_turns_and_images(scene, studio,
 
     # Five exchanges: the context is the last eight messages, so the first question and its picture drop out.
     assert await chain(scene, [red, None, None, None, None]) == (
-        "8 turns: question 1, question 2, question 3, question 4 | now: and now?")
+        "8 turns: question 1, question 2, question 3, question 4 | now: and now?"
+    )
 
     # Three pictures up the chain: only the two newest come along.
     scene.channel = scene.guild.create_text_channel("second")
     assert await chain(scene, [red, white, white]) == (
-        "6 turns: question 0, question 1 (white), question 2 (white) | now: and now?")
+        "6 turns: question 0, question 1 (white), question 2 (white) | now: and now?"
+    )
 
 
 # ---- /describe and the "Ask Janus" menu ---------------------------------------------------------------
 
 
 async def test_describe_command_answers_in_its_response(scene, studio, fixed_seed, pictures):
-    result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]),
-                                     question="what is this?")
+    result = await scene.alice.slash(
+        scene.channel, "describe", image=("red.png", pictures["red"]), question="what is this?"
+    )
 
     assert scene.bodies("POST", "/callback")[0] == {"type": 5}  # acknowledged ("thinking") before the work
     assert not result.ephemeral and not result.deferred
@@ -209,9 +236,12 @@ async def test_describe_command_answers_in_its_response(scene, studio, fixed_see
     assert expected != model_answer(studio, "what is this?")
     assert result.response.content == expected
 
-    # The question goes to the model with the image (without one, it is asked for prompts: test_bot_gallery.py).
+    # The question goes to the model with the image (without one, it is asked for prompts:
+    # test_bot_gallery.py).
     scene.env.bot.studio = EchoModel(studio)
-    result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]), question="why?")
+    result = await scene.alice.slash(
+        scene.channel, "describe", image=("red.png", pictures["red"]), question="why?"
+    )
     assert result.response.content == "0 turns:  | now: why? (red)"
     result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]))
     assert result.response.content == understanding.NO_PROMPTS  # the echo of its question is no prompt
@@ -245,8 +275,9 @@ async def test_ask_janus_on_a_message_without_image_explains_privately(scene):
 
 async def test_answer_streams_into_the_reply_as_it_grows(scene, studio):
     answer = "The picture shows a red square. It is evenly lit. Nothing else is in it."
-    scene.env.bot.studio = ScriptedModel(studio, answer, steps=3,
-                                         shown=lambda part: part.strip() + CURSOR in scene.contents())
+    scene.env.bot.studio = ScriptedModel(
+        studio, answer, steps=3, shown=lambda part: part.strip() + CURSOR in scene.contents()
+    )
 
     await scene.alice.send(scene.channel, f"{scene.mention} what is it?")
 
@@ -261,8 +292,13 @@ async def test_answer_streams_into_the_reply_as_it_grows(scene, studio):
 async def test_streaming_edits_are_throttled_by_status_update_seconds(scene, studio, make_bot):
     await scene.env.restart_bot(await make_bot(status_update_seconds=3600))
     answer = "A red square on a white table."
-    scene.env.bot.studio = ScriptedModel(studio, answer, steps=4, wait=0.25,  # time enough to show each part
-                                         shown=lambda part: part.strip() + CURSOR in scene.contents())
+    scene.env.bot.studio = ScriptedModel(
+        studio,
+        answer,
+        steps=4,
+        wait=0.25,  # time enough to show each part
+        shown=lambda part: part.strip() + CURSOR in scene.contents(),
+    )
 
     await scene.alice.send(scene.channel, f"{scene.mention} what is it?")
 
@@ -271,8 +307,12 @@ async def test_streaming_edits_are_throttled_by_status_update_seconds(scene, stu
 
 
 async def test_long_answer_continues_in_further_messages_split_at_boundaries(scene, studio):
-    sentences = [f"Sentence {i} says a little more about the picture, its colours and its light." for i in range(70)]
-    answer = "\n".join(" ".join(sentences[a:b]) for a, b in ((0, 30), (30, 40), (40, 70)))  # 2,400 + 800 + 2,400
+    sentences = [
+        f"Sentence {i} says a little more about the picture, its colours and its light." for i in range(70)
+    ]
+    answer = "\n".join(
+        " ".join(sentences[a:b]) for a, b in ((0, 30), (30, 40), (40, 70))
+    )  # 2,400 + 800 + 2,400
     scene.env.bot.studio = ScriptedModel(studio, answer, steps=2)
 
     question = await scene.alice.send(scene.channel, f"{scene.mention} describe it at length")
@@ -291,7 +331,9 @@ async def test_empty_answer_is_never_sent_empty(scene, studio, pictures):
     scene.env.bot.studio = ScriptedModel(studio, "")
 
     await scene.alice.send(scene.channel, f"{scene.mention} say nothing")
-    result = await scene.alice.slash(scene.channel, "describe", image=("red.png", pictures["red"]), question="hm?")
+    result = await scene.alice.slash(
+        scene.channel, "describe", image=("red.png", pictures["red"]), question="hm?"
+    )
 
     assert [m.content for m in scene.bot_messages()] == [understanding.NO_ANSWER] * 2
     assert result.response.content == understanding.NO_ANSWER
@@ -302,18 +344,24 @@ async def test_empty_answer_is_never_sent_empty(scene, studio, pictures):
 
 
 async def test_unusable_attachments_get_a_polite_note_and_the_bot_keeps_serving(scene, make_bot, png_bytes):
-    await scene.env.restart_bot(await make_bot(max_answer_tokens=TOKENS, max_attachment_mb=0.001))  # 1,048 bytes
+    await scene.env.restart_bot(
+        await make_bot(max_answer_tokens=TOKENS, max_attachment_mb=0.001)
+    )  # 1,048 bytes
     noise = Image.effect_noise((64, 64), 80).convert("RGB")
     big = io.BytesIO()
     noise.save(big, format="PNG")
     assert len(big.getvalue()) > 1048
-    cases = [("notes.txt", b"shopping list", "isn't an image"),
-             ("photo.png", b"definitely not a PNG", "couldn't read that file as an image"),
-             ("cut.png", png_bytes((64, 64))[:60], "damaged"),
-             ("big.png", big.getvalue(), "KiB; the limit is")]
+    cases = [
+        ("notes.txt", b"shopping list", "isn't an image"),
+        ("photo.png", b"definitely not a PNG", "couldn't read that file as an image"),
+        ("cut.png", png_bytes((64, 64))[:60], "damaged"),
+        ("big.png", big.getvalue(), "KiB; the limit is"),
+    ]
 
     for name, data, note in cases:
-        question = await scene.alice.send(scene.channel, f"{scene.mention} what is this?", attachments=[(name, data)])
+        question = await scene.alice.send(
+            scene.channel, f"{scene.mention} what is this?", attachments=[(name, data)]
+        )
         reply = scene.bot_messages()[-1]
         assert reply.reference.message_id == question.id
         assert note in reply.content and len(reply.content) < 200, reply.content

@@ -23,7 +23,6 @@ from bot.settings import Settings
 PROMPT = "a red fox in the snow"
 
 
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty working directory (no .env) and no setting in the environment."""
@@ -36,8 +35,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_env(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> dict[str, str]:
     """Point the settings at the tiny model and the x2 upscaler, on the CPU."""
-    values = {"JANUS_MODEL": str(tiny_dir / "janus"), "JANUS_DEVICE": "cpu",
-              "UPSCALER_WEIGHTS": str(tiny_dir / "RealESRGAN_x2.pth")}
+    values = {
+        "JANUS_MODEL": str(tiny_dir / "janus"),
+        "JANUS_DEVICE": "cpu",
+        "UPSCALER_WEIGHTS": str(tiny_dir / "RealESRGAN_x2.pth"),
+    }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return values
@@ -114,7 +116,12 @@ def test_the_real_entry_point_draws_the_same_images(
     env = {**os.environ, **tiny_env, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "bot", "imagine", PROMPT, "--out", "cli", "--count", "2", "--seed", "7"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr

@@ -59,7 +59,8 @@ def photo(width: int = 80, height: int = 50, seed: int = 0) -> Image.Image:
 
 
 def spy_generate(monkeypatch: pytest.MonkeyPatch, engine: JanusEngine) -> list[dict[str, Any]]:
-    """Record what text generation (transformers' GenerationMixin.generate) is given and returns, still running it."""
+    """Record what text generation (transformers' GenerationMixin.generate) is given and returns, still
+    running it."""
     calls: list[dict[str, Any]] = []
     original = GenerationMixin.generate
 
@@ -153,8 +154,13 @@ def test_batched_requests_get_exactly_the_tokens_they_get_alone(
     requests = [
         ImagineRequest("a red fox in the snow", count=2, guidance=5.0, temperature=1.0, seed=7),
         ImagineRequest("cat", count=1, guidance=3.0, temperature=0, seed=1),
-        ImagineRequest("A watercolor drawing of flowers in a glass vase, soft colors.", count=3, guidance=1.0,
-                       temperature=0.7, seed=123),
+        ImagineRequest(
+            "A watercolor drawing of flowers in a glass vase, soft colors.",
+            count=3,
+            guidance=1.0,
+            temperature=0.7,
+            seed=123,
+        ),
     ]
     batch = engine.prepare_batch(requests)
     together = engine.generate_tokens(batch)
@@ -169,7 +175,8 @@ def test_batched_requests_get_exactly_the_tokens_they_get_alone(
 
 
 def test_kept_tokens_start_every_image_and_the_rest_is_drawn_anew(any_engine: JanusEngine) -> None:
-    """A request with `keep` (Vary) draws images whose first tokens are exactly the kept ones; the rest follows
+    """A request with `keep` (Vary) draws images whose first tokens are exactly the kept ones; the rest
+    follows
     from its own seed, the same again for the same seed, and drawn together with others it is unchanged."""
     engine = any_engine
     [source] = engine.imagine(ImagineRequest("a red fox in the snow", count=1, seed=3))
@@ -177,8 +184,10 @@ def test_kept_tokens_start_every_image_and_the_rest_is_drawn_anew(any_engine: Ja
     vary = ImagineRequest("a red fox in the snow", count=3, seed=11, keep=top)
     variations = engine.imagine(vary)
     assert [d.tokens[: len(top)] for d in variations] == [top] * 3
-    rests = {d.tokens[len(top):] for d in variations}
-    assert len(rests) == 3 and source.tokens[len(top):] not in rests  # new random numbers below the kept rows
+    rests = {d.tokens[len(top) :] for d in variations}
+    assert (
+        len(rests) == 3 and source.tokens[len(top) :] not in rests
+    )  # new random numbers below the kept rows
     assert [d.tokens for d in engine.imagine(vary)] == [d.tokens for d in variations]
     together = engine.imagine_batch([ImagineRequest("cat", count=2, seed=1), vary])[1]
     assert [d.tokens for d in together] == [d.tokens for d in variations]
@@ -333,8 +342,16 @@ def test_the_same_seed_gives_the_same_answer(engine: JanusEngine) -> None:
     """Sampling is seeded per request: equal seeds answer alike, and the seed does change the answer."""
 
     def answer(seed: int) -> str:
-        return engine.ask(AskRequest("What is in this picture?", (photo(),), temperature=1.0, top_p=1.0,
-                                     max_new_tokens=12, seed=seed))
+        return engine.ask(
+            AskRequest(
+                "What is in this picture?",
+                (photo(),),
+                temperature=1.0,
+                top_p=1.0,
+                max_new_tokens=12,
+                seed=seed,
+            )
+        )
 
     first = answer(1)
     torch.manual_seed(999)  # the global RNG state before the call must not matter
@@ -349,8 +366,9 @@ def test_history_turns_reach_the_model_in_order(monkeypatch: pytest.MonkeyPatch,
     engine.ask(AskRequest("And the sky?", history=history, max_new_tokens=4))
     inputs = calls[0]["inputs"]
     prompt = engine.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=False)
-    earlier, reply, question = (prompt.index(text) for text in ("What colour is the car?", "The car is red.",
-                                                                 "And the sky?"))
+    earlier, reply, question = (
+        prompt.index(text) for text in ("What colour is the car?", "The car is red.", "And the sky?")
+    )
     assert earlier < reply < question
     assert prompt.rstrip().endswith("<|Assistant|>:")
     assert inputs["pixel_values"].shape[0] == 1  # the history's image
@@ -364,8 +382,9 @@ def test_history_turns_reach_the_model_in_order(monkeypatch: pytest.MonkeyPatch,
 def test_the_answer_streams_to_the_reporter(engine: JanusEngine) -> None:
     """The reporter hears partial answers as tokens arrive, ending with the final answer."""
     heard: list[Progress] = []
-    answer = engine.ask(AskRequest("What is in this picture?", (photo(),), temperature=0, max_new_tokens=32),
-                        heard.append)
+    answer = engine.ask(
+        AskRequest("What is in this picture?", (photo(),), temperature=0, max_new_tokens=32), heard.append
+    )
     assert len(heard) >= 2
     assert heard[-1].preview == answer
     assert all(isinstance(p.preview, str) for p in heard)
@@ -379,12 +398,25 @@ def test_the_answer_streams_to_the_reporter(engine: JanusEngine) -> None:
 
 QUESTIONS = [
     AskRequest("What is this?", (photo(),), seed=1, temperature=1.0, max_new_tokens=12),
-    AskRequest("Tell me a long story about a castle on a hill at dawn", (), seed=2, temperature=0.7,
-               max_new_tokens=12),
-    AskRequest("Compare these two", (photo(seed=1), photo(30, 60, seed=2)), seed=3, temperature=0,
-               max_new_tokens=12),
-    AskRequest("and now?", (), history=(Turn("user", "hi", (photo(),)), Turn("assistant", "hello")), seed=4,
-               temperature=1.0, top_p=0.5, max_new_tokens=8),
+    AskRequest(
+        "Tell me a long story about a castle on a hill at dawn",
+        (),
+        seed=2,
+        temperature=0.7,
+        max_new_tokens=12,
+    ),
+    AskRequest(
+        "Compare these two", (photo(seed=1), photo(30, 60, seed=2)), seed=3, temperature=0, max_new_tokens=12
+    ),
+    AskRequest(
+        "and now?",
+        (),
+        history=(Turn("user", "hi", (photo(),)), Turn("assistant", "hello")),
+        seed=4,
+        temperature=1.0,
+        top_p=0.5,
+        max_new_tokens=8,
+    ),
 ]
 
 

@@ -212,8 +212,11 @@ async def test_queue_positions_and_progress_are_observable() -> None:
 
     async with GpuExecutor() as executor:
         running = executor.submit(working, owner=7)
-        queued = [executor.submit(lambda report: "next", owner=7), executor.submit(lambda report: 2),
-                  executor.submit(lambda report: 3, owner=8)]
+        queued = [
+            executor.submit(lambda report: "next", owner=7),
+            executor.submit(lambda report: 2),
+            executor.submit(lambda report: 3, owner=8),
+        ]
         await wait_until(lambda: running.progress is not None)
         assert running.running and running.position == 0
         assert running.progress == Progress(1, 3)
@@ -301,8 +304,16 @@ async def test_submit_batched_merges_waiting_jobs_of_the_same_runner_and_splits_
         results = {name: await result(job) for name, job in jobs.items()}
 
     assert calls == [("A", [1, 2, 4]), "plain", ("B", [9]), ("A", [3]), ("F", [5, 6])]
-    assert results == {"a1": "A:1", "plain": "plain", "a2": "A:2", "b9": "B:9", "a3": "A:3", "a4": "A:4",
-                       "f5": "F:5", "f6": "F:6"}
+    assert results == {
+        "a1": "A:1",
+        "plain": "plain",
+        "a2": "A:2",
+        "b9": "B:9",
+        "a3": "A:3",
+        "a4": "A:4",
+        "f5": "F:5",
+        "f6": "F:6",
+    }
     # Each member of the batch saw the progress its own reporter was given.
     assert [jobs[name].progress for name in ("a1", "a2", "a4")] == [Progress(i, 3) for i in range(3)]
 
@@ -360,4 +371,3 @@ async def test_jobs_of_a_closed_executor_are_refused() -> None:
     await asyncio.wait_for(executor.close(), LIMIT)
     with pytest.raises(QueueFull):
         executor.submit(lambda report: None)
-

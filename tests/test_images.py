@@ -28,7 +28,8 @@ def test_every_mode_decodes_to_rgb(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["I", "F", "I;16"])
 def test_wide_grey_modes_become_rgb(mode: str) -> None:
-    """Modes only other formats (TIFF) decode to, and 16-bit PNG once shrunk: scaled to their brightest value."""
+    """Modes only other formats (TIFF) decode to, and 16-bit PNG once shrunk: scaled to their brightest
+    value."""
     image = to_rgb(Image.new(mode, (20, 10), 1000))
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
 
@@ -91,19 +92,31 @@ def test_truncated_files_are_refused_not_half_read() -> None:
         decode_image(whole[: len(whole) // 2])
 
 
-VALID = [encoded(Image.new(mode, (16, 12), 128), fmt) for mode, fmt in
-         (("RGB", "PNG"), ("RGB", "JPEG"), ("P", "GIF"), ("RGBA", "WEBP"), ("L", "PNG"), ("I;16", "PNG"))]
+VALID = [
+    encoded(Image.new(mode, (16, 12), 128), fmt)
+    for mode, fmt in (
+        ("RGB", "PNG"),
+        ("RGB", "JPEG"),
+        ("P", "GIF"),
+        ("RGBA", "WEBP"),
+        ("L", "PNG"),
+        ("I;16", "PNG"),
+    )
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(base=st.sampled_from(VALID), cuts=st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=8)),
-                                                  max_size=6))
+@given(
+    base=st.sampled_from(VALID),
+    cuts=st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=8)), max_size=6),
+)
 def test_fuzzed_images_decode_or_raise_bad_attachment(base: bytes, cuts: list[tuple[int, bytes]]) -> None:
-    """Mutated real files (bytes overwritten, inserted, cut): a usable RGB image or BadAttachment, nothing else."""
+    """Mutated real files (bytes overwritten, inserted, cut): a usable RGB image or BadAttachment, nothing
+    else."""
     data = bytearray(base)
     for position, chunk in cuts:
         position %= len(data) + 1
-        data[position:position + len(chunk)] = chunk
+        data[position : position + len(chunk)] = chunk
     try:
         image = decode_image(bytes(data))
     except BadAttachment:

@@ -49,8 +49,11 @@ def test_defaults_copy_every_limit_from_settings() -> None:
 
 def test_limit_fields_are_the_five_admin_limits_of_policy_and_settings() -> None:
     assert set(LIMIT_FIELDS) == {
-        "generations_per_user", "questions_per_user", "generations_per_server",
-        "cooldown_seconds", "max_queued_per_user",
+        "generations_per_user",
+        "questions_per_user",
+        "generations_per_server",
+        "cooldown_seconds",
+        "max_queued_per_user",
     }
     policy_fields = {field.name for field in dataclasses.fields(Policy)}
     assert set(LIMIT_FIELDS) <= policy_fields

@@ -37,12 +37,17 @@ def test_splits_at_a_line_break_first() -> None:
 
 def test_splits_at_a_sentence_end_when_no_line_break_is_late_enough() -> None:
     text = "One sentence here. Another one here! A third, longer one follows now."
-    assert split_message(text, limit=45) == ["One sentence here. Another one here!",
-                                             "A third, longer one follows now."]
+    assert split_message(text, limit=45) == [
+        "One sentence here. Another one here!",
+        "A third, longer one follows now.",
+    ]
 
 
 def test_splits_at_a_space_when_there_is_no_sentence_end() -> None:
-    assert split_message("alpha beta gamma delta epsilon zeta", limit=20) == ["alpha beta gamma", "delta epsilon zeta"]
+    assert split_message("alpha beta gamma delta epsilon zeta", limit=20) == [
+        "alpha beta gamma",
+        "delta epsilon zeta",
+    ]
 
 
 def test_cuts_hard_when_there_is_no_space() -> None:

@@ -37,8 +37,10 @@ from bot.settings import Settings
 from bot.status import WorkerStatus
 from bot.store import UsageStore
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="needs redis-server (apt-get install redis-server; .ci/run has it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="needs redis-server (apt-get install redis-server; .ci/run has it)",
+)
 
 TESTS = Path(__file__).parent
 LEASE = 1.5
@@ -60,9 +62,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path_factory.mktemp("redis"))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.perf_counter() + 10
         while True:
@@ -89,9 +104,17 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
-    return Settings(_env_file=None, discord_token="test-token", executor="redis", redis_url=redis_url,
-                    worker_lease_seconds=LEASE, status_update_seconds=0.05, result_ttl_seconds=120,
-                    data_dir=tmp_path / "data", upscaler_weights="none")
+    return Settings(
+        _env_file=None,
+        discord_token="test-token",
+        executor="redis",
+        redis_url=redis_url,
+        worker_lease_seconds=LEASE,
+        status_update_seconds=0.05,
+        result_ttl_seconds=120,
+        data_dir=tmp_path / "data",
+        upscaler_weights="none",
+    )
 
 
 class Processes:
@@ -100,17 +123,28 @@ class Processes:
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         self.tmp_path, self.runs_file = tmp_path, tmp_path / "runs.txt"
         path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-        self.env = {**os.environ, "PYTHONPATH": path,
-                    "REDIS_URL": settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
-                    "WORKER_LEASE_SECONDS": str(LEASE), "STATUS_UPDATE_SECONDS": "0.05",
-                    "RESULT_TTL_SECONDS": "120", "FAKE_RUNS": str(self.runs_file), "LOG_LEVEL": "INFO"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": path,
+            "REDIS_URL": settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
+            "WORKER_LEASE_SECONDS": str(LEASE),
+            "STATUS_UPDATE_SECONDS": "0.05",
+            "RESULT_TTL_SECONDS": "120",
+            "FAKE_RUNS": str(self.runs_file),
+            "LOG_LEVEL": "INFO",
+        }
         self.started: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
     def spawn(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         log = self.tmp_path / f"proc-{len(self.started)}.log"
-        process = subprocess.Popen([sys.executable, "-m", "scaleout_procs", *args], cwd=self.tmp_path,
-                                   env={**self.env, **env}, stdout=subprocess.PIPE, stderr=log.open("wb"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scaleout_procs", *args],
+            cwd=self.tmp_path,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=log.open("wb"),
+        )
         self.started.append(process)
         self.logs[process.pid] = log
         return process
@@ -118,8 +152,11 @@ class Processes:
     async def worker(self, mode: str = "worker", **env: str) -> subprocess.Popen[bytes]:
         """A worker process (`real-worker`: with the real studio), once it is ready to take jobs."""
         process = self.spawn(mode, **env)
-        await until(lambda: b"ready" in self.logs[process.pid].read_bytes() or process.poll() is not None,
-                    30 if mode == "worker" else 120, "a worker to start")
+        await until(
+            lambda: b"ready" in self.logs[process.pid].read_bytes() or process.poll() is not None,
+            30 if mode == "worker" else 120,
+            "a worker to start",
+        )
         assert process.poll() is None, self.logs[process.pid].read_text()
         return process
 
@@ -128,8 +165,12 @@ class Processes:
 
     def outcomes(self, job_id: str) -> list[str]:
         """Every outcome a worker wrote for a job (its log says so)."""
-        return [line.rpartition(": ")[2] for path in self.logs.values()
-                for line in path.read_text().splitlines() if f"Job {job_id}: " in line]
+        return [
+            line.rpartition(": ")[2]
+            for path in self.logs.values()
+            for line in path.read_text().splitlines()
+            if f"Job {job_id}: " in line
+        ]
 
     def runs(self) -> list[tuple[int, str]]:
         """(worker pid, prompt) of every request a fake studio started, in order."""
@@ -215,8 +256,9 @@ async def test_a_long_job_on_a_live_worker_is_not_taken_over(procs, backend, red
 
 async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, redis):
     await asyncio.gather(procs.worker(WORKER_SLOTS="2"), procs.worker(WORKER_SLOTS="2"))
-    jobs = [backend.imagine(ImagineRequest(f"pebble {i} slow:0.6", count=1, seed=i), owner=i)
-            for i in range(8)]
+    jobs = [
+        backend.imagine(ImagineRequest(f"pebble {i} slow:0.6", count=1, seed=i), owner=i) for i in range(8)
+    ]
     most: dict[bytes, int] = {}
 
     async def sample() -> None:
@@ -232,10 +274,12 @@ async def test_workers_hold_no_more_jobs_than_their_free_slots(procs, backend, r
     await nothing_left(redis)
 
 
-async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart(procs, settings, backend,
-                                                                                 redis):
-    withdrawn = backend.imagine(ImagineRequest("never mind", count=1), owner=7,
-                                origin=Origin(1, 2, 3, "token"))
+async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart(
+    procs, settings, backend, redis
+):
+    withdrawn = backend.imagine(
+        ImagineRequest("never mind", count=1), owner=7, origin=Origin(1, 2, 3, "token")
+    )
     behind = backend.imagine(ImagineRequest("after it", count=1), owner=8)
     # In the order they were submitted, though only the first has a record and a token to write:
     await until(lambda: withdrawn.position == 1 and behind.position == 2, 10, "queue positions from Redis")
@@ -261,8 +305,9 @@ async def test_a_cancelled_queued_job_is_never_run_nor_delivered_after_a_restart
 
 async def test_a_question_with_images_is_answered_by_a_worker_from_reduced_images(procs, backend, redis):
     photo, picture = Image.effect_noise((1600, 1000), 60).convert("RGB"), Image.new("RGB", (5, 7), (1, 2, 3))
-    job = backend.ask(AskRequest("what is this?", images=(photo,), history=(Turn("user", "hi", (picture,)),)),
-                      owner=7)
+    job = backend.ask(
+        AskRequest("what is this?", images=(photo,), history=(Turn("user", "hi", (picture,)),)), owner=7
+    )
     await until(lambda: job.entry_id, 10, "the job in Redis")
     stored = await redis.get(wire.input_key(job.id, 0))
     assert Image.open(io.BytesIO(stored)).size == (768, 480)  # reduced to what the model can use, aspect kept
@@ -289,8 +334,11 @@ async def deliver_nothing(job, request, origin) -> None:
 
 
 async def test_a_job_the_bot_gave_up_on_leaves_nothing_for_a_restarted_bot(settings, backend, redis):
-    job = backend.ask(AskRequest("lost on the way", images=(Image.new("RGB", (4, 4)),)), owner=7,
-                      origin=Origin(1, 2, message_id=3))
+    job = backend.ask(
+        AskRequest("lost on the way", images=(Image.new("RGB", (4, 4)),)),
+        owner=7,
+        origin=Origin(1, 2, message_id=3),
+    )
     await until(lambda: job.entry_id, 10, "the job in Redis")
     assert await redis.hlen(wire.AWAITING) == 1
     await redis.xdel(wire.JOBS, job.entry_id)  # its entry vanishes before any worker took it
@@ -324,14 +372,18 @@ async def test_a_request_out_of_the_schemas_range_is_refused_before_it_is_queued
 
 
 async def test_questions_taken_together_by_a_worker_run_as_one_batch_each_answered_as_alone(
-        procs, backend, redis, studio, tiny_dir):
+    procs, backend, redis, studio, tiny_dir
+):
     picture = Image.effect_noise((40, 30), 60).convert("RGB")
-    questions = [AskRequest("What is in this picture?", images=(picture,), seed=3, max_new_tokens=10),
-                 AskRequest("Tell me a story.", temperature=0.9, seed=4, max_new_tokens=10)]
+    questions = [
+        AskRequest("What is in this picture?", images=(picture,), seed=3, max_new_tokens=10),
+        AskRequest("Tell me a story.", temperature=0.9, seed=4, max_new_tokens=10),
+    ]
     jobs = [backend.ask(question, owner=index) for index, question in enumerate(questions)]
     await until(lambda: all(job.entry_id for job in jobs), 10, "both questions in Redis")
-    worker = await procs.worker("real-worker", JANUS_MODEL=str(tiny_dir / "janus"), JANUS_DEVICE="cpu",
-                                UPSCALER_WEIGHTS="none")  # takes both at once
+    worker = await procs.worker(
+        "real-worker", JANUS_MODEL=str(tiny_dir / "janus"), JANUS_DEVICE="cpu", UPSCALER_WEIGHTS="none"
+    )  # takes both at once
 
     answers = await asyncio.wait_for(asyncio.gather(*jobs), 120)
 
@@ -391,8 +443,10 @@ async def test_bad_entries_are_set_aside_with_a_reason_and_the_worker_goes_on(pr
     bad = {
         "1" * 32: ({**good.fields(), "job": "1" * 32, "request": b'{"prompt": "\xff\xfe"}'}, None),
         "2" * 32: ({**good.fields(), "job": "2" * 32, "priority": "high"}, None),
-        "3" * 32: ({**good.fields(), "job": "3" * 32,
-                    "request": good.request.replace('"count":1', '"count":1000')}, None),
+        "3" * 32: (
+            {**good.fields(), "job": "3" * 32, "request": good.request.replace('"count":1', '"count":1000')},
+            None,
+        ),
         "4" * 32: ({**ask.fields(), "job": "4" * 32}, jpeg.getvalue()),
         "5" * 32: ({**ask.fields(), "job": "5" * 32}, wire.png(huge)),
     }
@@ -469,8 +523,9 @@ async def test_a_restarted_bot_reattaches_and_delivers_exactly_once(procs, setti
 
 
 @pytest.fixture
-async def make_redis_bot(settings: Settings, redis_url: str,
-                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable]:
+async def make_redis_bot(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable]:
     """JanusBots with EXECUTOR=redis as run_bot builds them: no model in the process, a RedisBackend each."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after the test
     made: list[tuple[JanusBot, RedisBackend]] = []
@@ -479,8 +534,13 @@ async def make_redis_bot(settings: Settings, redis_url: str,
         current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
         store = await UsageStore.connect(current.database_path)
         backend = RedisBackend(wire.connect(redis_url), current)
-        bot = JanusBot(settings=current, store=store, executor=GpuExecutor(current.queue_size),
-                       backend=backend, shard_count=1)
+        bot = JanusBot(
+            settings=current,
+            store=store,
+            executor=GpuExecutor(current.queue_size),
+            backend=backend,
+            shard_count=1,
+        )
         made.append((bot, backend))
         return bot
 
@@ -526,14 +586,18 @@ async def test_a_job_that_keeps_killing_workers_is_set_aside_refunded_and_told(s
     await nothing_left(redis)
 
 
-async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(simcord_env, procs, settings,
-                                                                             make_redis_bot, redis):
+async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(
+    simcord_env, procs, settings, make_redis_bot, redis
+):
     scene = open_scene(simcord_env)
     await procs.worker()
     prompt = "a heron at dusk slow:1"
     async with RedisBackend.connect(settings) as before:  # the bot's side before the restart
-        job = before.imagine(ImagineRequest(prompt, count=2, seed=5), owner=scene.alice.id,
-                             origin=Origin(scene.guild.id, scene.channel.id))
+        job = before.imagine(
+            ImagineRequest(prompt, count=2, seed=5),
+            owner=scene.alice.id,
+            origin=Origin(scene.guild.id, scene.channel.id),
+        )
         await until(lambda: job.progress is not None, 15, "progress")
     # It went away mid-job without withdrawing anything (test_a_restarted_bot_reattaches_... kills it
     # outright).
@@ -549,9 +613,13 @@ async def test_a_restarted_bot_posts_a_job_it_was_waiting_for_in_its_channel(sim
 def original_edits(env, since: int = 0) -> list[dict]:
     """JSON bodies of the bot's edits of interaction responses (PATCH .../messages/@original), from `since`
     on."""
-    return [e.json for e in env.http_requests[since:]
-            if e.method == "PATCH" and fnmatch(e.path, "/webhooks/*/messages/@original")
-            and isinstance(e.json, dict)]
+    return [
+        e.json
+        for e in env.http_requests[since:]
+        if e.method == "PATCH"
+        and fnmatch(e.path, "/webhooks/*/messages/@original")
+        and isinstance(e.json, dict)
+    ]
 
 
 async def start_imagine_then_go_away(env, scene, prompt: str, seen: str, **options) -> None:
@@ -560,14 +628,18 @@ async def start_imagine_then_go_away(env, scene, prompt: str, seen: str, **optio
     env.settle_timeout = 1.0  # the command returns (timing out) while its job runs on
     with pytest.raises(TimeoutError):
         await scene.alice.slash(scene.channel, "imagine", prompt=prompt, **options)
-    await until(lambda: any(seen in text_displays(body.get("components") or [])
-                            for body in original_edits(env)), 15, f"'{seen}'")
+    await until(
+        lambda: any(seen in text_displays(body.get("components") or []) for body in original_edits(env)),
+        15,
+        f"'{seen}'",
+    )
     await env.bot.backend.close()
     env.settle_timeout = 30.0  # the restarted bot settles once it has delivered
 
 
 async def test_a_restarted_bot_keeps_editing_the_status_and_delivers_into_the_original_response(
-        simcord_env, procs, make_redis_bot, redis):
+    simcord_env, procs, make_redis_bot, redis
+):
     scene = open_scene(simcord_env)
     await procs.worker()
     prompt = "a lighthouse in fog slow:5"
@@ -592,8 +664,9 @@ async def test_a_restarted_bot_keeps_editing_the_status_and_delivers_into_the_or
     await nothing_left(redis)
 
 
-async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(simcord_env, procs,
-                                                                                make_redis_bot, redis):
+async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(
+    simcord_env, procs, make_redis_bot, redis
+):
     scene = open_scene(simcord_env)
     await procs.worker()
     await start_imagine_then_go_away(simcord_env, scene, "fail me slow:3", "Drawing 1 image(s)", count=1)
@@ -622,11 +695,13 @@ async def ask_then_go_away(env, scene, text: str, **options) -> discord.Message:
 
 
 async def test_a_restarted_bot_answers_a_question_it_was_waiting_for_in_a_reply(
-        simcord_env, procs, make_redis_bot, redis, png_bytes):
+    simcord_env, procs, make_redis_bot, redis, png_bytes
+):
     scene = open_scene(simcord_env)
     await procs.worker()
-    question = await ask_then_go_away(simcord_env, scene, "what is this? slow:3",
-                                      attachments=[("p.png", png_bytes((80, 50)))])
+    question = await ask_then_go_away(
+        simcord_env, scene, "what is this? slow:3", attachments=[("p.png", png_bytes((80, 50)))]
+    )
     assert await redis.hlen(wire.AWAITING) == 1
 
     await simcord_env.restart_bot(await make_redis_bot())  # its understanding cog re-attaches while it starts
@@ -640,8 +715,9 @@ async def test_a_restarted_bot_answers_a_question_it_was_waiting_for_in_a_reply(
     await nothing_left(redis)
 
 
-async def test_a_reattached_question_that_fails_is_refunded_and_told_in_a_reply(simcord_env, procs,
-                                                                                make_redis_bot, redis):
+async def test_a_reattached_question_that_fails_is_refunded_and_told_in_a_reply(
+    simcord_env, procs, make_redis_bot, redis
+):
     scene = open_scene(simcord_env)
     await procs.worker()
     question = await ask_then_go_away(simcord_env, scene, "fail me slow:2")
@@ -670,8 +746,9 @@ async def scrape(bot: JanusBot) -> str:
     collectors = len(list(REGISTRY._collector_to_names))
     serve_metrics(bot, port)
     try:
-        return await asyncio.to_thread(lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        return await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
     finally:
         for collector in list(REGISTRY._collector_to_names)[collectors:]:
             REGISTRY.unregister(collector)
@@ -685,8 +762,9 @@ async def published(redis: aioredis.Redis, process: subprocess.Popen[bytes], **f
     return figures.items() <= WorkerStatus.model_validate_json(record).model_dump().items()
 
 
-async def test_status_and_metrics_show_the_queue_in_redis_and_the_live_workers(simcord_env, procs, settings,
-                                                                               redis):
+async def test_status_and_metrics_show_the_queue_in_redis_and_the_live_workers(
+    simcord_env, procs, settings, redis
+):
     scene = open_scene(simcord_env)
     admin = make_admin(simcord_env, scene)
     async with RedisBackend.connect(settings) as elsewhere:  # another instance of the bot queues three jobs
@@ -709,23 +787,31 @@ async def test_status_and_metrics_show_the_queue_in_redis_and_the_live_workers(s
     assert "No GPU worker has been seen for a lease period" in waiting.response.content
     assert "2 waiting, 1 running" in taken.response.content
     assert "**GPU workers** 1 online" in taken.response.content
-    assert (f"**`{name}`** `{settings.janus_model}` on fake:0 (bfloat16) · 1/1 slots busy · 0 jobs done · "
-            "GPU memory 3.0 GiB") in taken.response.content
+    assert (
+        f"**`{name}`** `{settings.janus_model}` on fake:0 (bfloat16) · 1/1 slots busy · 0 jobs done · "
+        "GPU memory 3.0 GiB"
+    ) in taken.response.content
     assert "janus_queue_waiting 2.0" in page and "janus_queue_running 1.0" in page
     assert "janus_workers_online 1.0" in page
     assert f'janus_worker_busy_slots{{worker="{name}"}} 1.0' in page
     assert f'janus_worker_gpu_memory_bytes{{worker="{name}"}} 3.221225472e+09' in page
 
 
-async def test_members_hear_when_no_worker_is_online_and_status_shows_each_workers_jobs(simcord_env, procs,
-                                                                                       redis):
+async def test_members_hear_when_no_worker_is_online_and_status_shows_each_workers_jobs(
+    simcord_env, procs, redis
+):
     scene = open_scene(simcord_env)
     admin = make_admin(simcord_env, scene)
 
     async def start_a_worker_once_told() -> subprocess.Popen[bytes]:
-        await until(lambda: any(NO_WORKER in text_displays(body.get("components") or [])
-                                for body in original_edits(simcord_env)),
-                    10, "the member to be told that no worker is online")
+        await until(
+            lambda: any(
+                NO_WORKER in text_displays(body.get("components") or [])
+                for body in original_edits(simcord_env)
+            ),
+            10,
+            "the member to be told that no worker is online",
+        )
         return await procs.worker(WORKER_SLOTS="4")
 
     starting = asyncio.create_task(start_a_worker_once_told())

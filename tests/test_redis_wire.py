@@ -23,8 +23,9 @@ JOB = "ab" * 16
 def fields(entry: wire.Entry, **changes: str | bytes) -> dict[bytes, bytes]:
     """An entry's fields as Redis gives them back (bytes), with some changed."""
     raw = {**entry.fields(), **changes}
-    return {name.encode(): value if isinstance(value, bytes) else value.encode()
-            for name, value in raw.items()}
+    return {
+        name.encode(): value if isinstance(value, bytes) else value.encode() for name, value in raw.items()
+    }
 
 
 def test_requests_round_trip_through_the_schema() -> None:
@@ -37,26 +38,33 @@ def test_requests_round_trip_through_the_schema() -> None:
     assert wire.decode_request(wire.decode_entry(fields(entry)).data(), []) == upscale
 
     red, blue = Image.new("RGB", (3, 2), "red"), Image.new("RGB", (2, 3), "blue")
-    asked = AskRequest("and this?", images=(red,), history=(Turn("user", "what is it?", (blue,)),
-                                                            Turn("assistant", "a square")), seed=5)
+    asked = AskRequest(
+        "and this?",
+        images=(red,),
+        history=(Turn("user", "what is it?", (blue,)), Turn("assistant", "a square")),
+        seed=5,
+    )
     entry, images = wire.encode_request(JOB, asked)
     assert images == [red, blue]  # stored apart, numbered in order
     data = wire.decode_entry(fields(entry)).data()
     assert wire.decode_request(data, images) == asked
 
 
-@pytest.mark.parametrize(("request_", "complaint"), [
-    (ImagineRequest("x", count=0), "count"),
-    (ImagineRequest("x", count=wire.MAX_COUNT + 1), "count"),
-    (ImagineRequest("x", guidance=float("nan")), "guidance"),
-    (ImagineRequest("", count=1), "prompt"),
-    (ImagineRequest("x", keep=(wire.IMAGE_TOKENS,)), "keep"),
-    (AskRequest("x", top_p=0.0), "top_p"),
-    (AskRequest("x", seed=-1), "seed"),
-    (AskRequest("x" * (wire.MAX_TEXT + 1)), "question"),
-    (AskRequest("x", history=(Turn("moderator", "hi"),)), "role"),
-    (UpscaleRequest(()), "tokens"),
-])
+@pytest.mark.parametrize(
+    ("request_", "complaint"),
+    [
+        (ImagineRequest("x", count=0), "count"),
+        (ImagineRequest("x", count=wire.MAX_COUNT + 1), "count"),
+        (ImagineRequest("x", guidance=float("nan")), "guidance"),
+        (ImagineRequest("", count=1), "prompt"),
+        (ImagineRequest("x", keep=(wire.IMAGE_TOKENS,)), "keep"),
+        (AskRequest("x", top_p=0.0), "top_p"),
+        (AskRequest("x", seed=-1), "seed"),
+        (AskRequest("x" * (wire.MAX_TEXT + 1)), "question"),
+        (AskRequest("x", history=(Turn("moderator", "hi"),)), "role"),
+        (UpscaleRequest(()), "tokens"),
+    ],
+)
 def test_the_bot_refuses_to_queue_what_a_worker_would_refuse(request_, complaint: str) -> None:
     with pytest.raises(wire.BadEntry, match=complaint):
         wire.encode_request(JOB, request_)
@@ -98,7 +106,7 @@ def test_question_images_are_stored_reduced_and_checked_when_read() -> None:
         wire.decode_input(wire.png(Image.new("RGB", (wire.MAX_INPUT_SIDE + 1, 2))))
     with pytest.raises(wire.BadEntry, match="cannot be decoded"):
         whole = wire.png(Image.effect_noise((64, 64), 90).convert("RGB"))
-        wire.decode_input(whole[:len(whole) // 2])
+        wire.decode_input(whole[: len(whole) // 2])
     with pytest.raises(wire.BadEntry, match="bytes, over"):
         wire.decode_input(wire.PNG_SIGNATURE + bytes(wire.MAX_INPUT_BYTES))
 
@@ -117,17 +125,25 @@ def test_results_carry_their_image_tokens_and_records_their_charge() -> None:
     back = wire.unpng_drawing(wire.png_drawing(drawing))
     assert back.tokens == (5, 6, 7) and back.image.tobytes() == drawing.image.tobytes()
 
-    charge = Charge(ALLOWED, guild_id=1, user_id=2, kind="ask", day="2026-01-02",
-                    charged_at=datetime(2026, 1, 2, 3, 4, tzinfo=UTC), previous_request_at=None)
-    record = wire.Awaiting(kind="ask", owner=2, guild=1, channel=3, request="{}",
-                           charge=wire.ChargeData.of(charge))
+    charge = Charge(
+        ALLOWED,
+        guild_id=1,
+        user_id=2,
+        kind="ask",
+        day="2026-01-02",
+        charged_at=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+        previous_request_at=None,
+    )
+    record = wire.Awaiting(
+        kind="ask", owner=2, guild=1, channel=3, request="{}", charge=wire.ChargeData.of(charge)
+    )
     again = wire.Awaiting.model_validate_json(record.model_dump_json()).charge
     assert again is not None and vars(again.charge()) == vars(charge)
 
 
 def test_compose_caps_redis_memory_and_refuses_writes_rather_than_evicting_jobs() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
-    redis = compose[compose.index("\n  redis:"):compose.index("\n  worker:")]
+    redis = compose[compose.index("\n  redis:") : compose.index("\n  worker:")]
     command = re.search(r"command: \[(.*)\]", redis)
     assert command is not None
     args = [arg.strip().strip('"') for arg in command[1].split(",")]

@@ -33,9 +33,15 @@ def test_defaults_without_any_configuration() -> None:
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Upper-case environment variables set the fields, converted to their types."""
-    for name, value in {"DISCORD_TOKEN": TOKEN, "JANUS_DEVICE": "cuda:1", "QUEUE_SIZE": "3",
-                        "ALLOW_DMS": "true", "DEV_GUILD_ID": "1234567890", "UPSCALER_WEIGHTS": "None",
-                        "DISCORD_API_BASE": "http://127.0.0.1:8080/api/v10/"}.items():
+    for name, value in {
+        "DISCORD_TOKEN": TOKEN,
+        "JANUS_DEVICE": "cuda:1",
+        "QUEUE_SIZE": "3",
+        "ALLOW_DMS": "true",
+        "DEV_GUILD_ID": "1234567890",
+        "UPSCALER_WEIGHTS": "None",
+        "DISCORD_API_BASE": "http://127.0.0.1:8080/api/v10/",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.discord_token is not None and settings.discord_token.get_secret_value() == TOKEN
@@ -72,8 +78,13 @@ def test_the_token_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     """Printing or logging the settings never shows the token."""
     monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
     settings = Settings()
-    shown_ways = (repr(settings), str(settings), f"{settings}", settings.model_dump_json(),
-                  str(settings.discord_token))
+    shown_ways = (
+        repr(settings),
+        str(settings),
+        f"{settings}",
+        settings.model_dump_json(),
+        str(settings.discord_token),
+    )
     for shown in shown_ways:
         assert TOKEN not in shown
     assert settings.discord_token is not None and settings.discord_token.get_secret_value() == TOKEN

@@ -57,8 +57,11 @@ async def test_prometheus_endpoint_serves_the_status_figures(simcord_env) -> Non
     collector_count = len(list(REGISTRY._collector_to_names))
     serve_metrics(simcord_env.bot, port)
     try:
-        page = await asyncio.to_thread(  # a scrape reads the figures on the bot's loop: it must not be blocked
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        page = (
+            await asyncio.to_thread(  # a scrape reads the figures on the bot's loop: it must not be blocked
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            )
+        )
     finally:
         for collector in list(REGISTRY._collector_to_names)[collector_count:]:
             REGISTRY.unregister(collector)

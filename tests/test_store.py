@@ -105,7 +105,11 @@ async def test_overrides_change_only_the_given_limits_and_survive_reopen(db_path
         await store.set_nsfw_only(GUILD, True)
         await store.set_log_channel(GUILD, 555)
     expected = dataclasses.replace(
-        DEFAULTS, generations_per_user=0, cooldown_seconds=30, max_prompt_length=200, nsfw_only=True,
+        DEFAULTS,
+        generations_per_user=0,
+        cooldown_seconds=30,
+        max_prompt_length=200,
+        nsfw_only=True,
         log_channel_id=555,
     )
     async with UsageStore.open(db_path) as store:
@@ -290,14 +294,19 @@ async def test_refund_lifts_the_cooldown_it_started(store: UsageStore) -> None:
 
 async def test_a_gallery_keeps_its_images_tokens_lineage_and_messages(db_path: Path) -> None:
     async with UsageStore.open(db_path) as store:
-        parent = await store.save_gallery(Gallery(GUILD, USER, "a fox", 2, 5.0, 1.0, 7), [(1, 2, 3, 70000), (4, 5)])
-        child = await store.save_gallery(Gallery(GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,),
-                                                 parent_id=parent, parent_index=1), [(4, 9)] * 4)
+        parent = await store.save_gallery(
+            Gallery(GUILD, USER, "a fox", 2, 5.0, 1.0, 7), [(1, 2, 3, 70000), (4, 5)]
+        )
+        child = await store.save_gallery(
+            Gallery(GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,), parent_id=parent, parent_index=1),
+            [(4, 9)] * 4,
+        )
         await store.add_gallery_messages(parent, 300, [31, 30])
     async with UsageStore.open(db_path) as store:  # after a restart
         assert await store.gallery(parent) == Gallery(GUILD, USER, "a fox", 2, 5.0, 1.0, 7)
-        assert await store.gallery(child) == Gallery(GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,),
-                                                     parent_id=parent, parent_index=1)
+        assert await store.gallery(child) == Gallery(
+            GUILD, OTHER_USER, "a fox", 4, 5.0, 1.0, 99, keep=(4,), parent_id=parent, parent_index=1
+        )
         assert await store.image_tokens(parent, 0) == (1, 2, 3, 70000)
         assert await store.image_tokens(parent, 1) == (4, 5)
         assert await store.image_tokens(parent, 2) is None
@@ -305,15 +314,19 @@ async def test_a_gallery_keeps_its_images_tokens_lineage_and_messages(db_path: P
         assert await store.gallery_messages(child) == []
 
 
-async def test_galleries_saved_before_tokens_were_kept_still_load(db_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_galleries_saved_before_tokens_were_kept_still_load(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shipped = store_module.load_migrations()
     monkeypatch.setattr(store_module, "load_migrations", lambda: [m for m in shipped if m[0] <= 2])
     async with UsageStore.open(db_path):
         pass
     with sqlite3.connect(db_path) as db:  # a gallery as the schema of version 2 stored it
-        db.execute("INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (GUILD, USER, "a kite", 3, 5.0, 1.0, 4))
+        db.execute(
+            "INSERT INTO galleries (guild_id, requester_id, prompt, count, guidance, temperature, seed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (GUILD, USER, "a kite", 3, 5.0, 1.0, 4),
+        )
     monkeypatch.setattr(store_module, "load_migrations", lambda: shipped)
     async with UsageStore.open(db_path) as store:
         assert await store.gallery(1) == Gallery(GUILD, USER, "a kite", 3, 5.0, 1.0, 4)

@@ -162,7 +162,9 @@ def test_enlarge_doubles_the_side_running_the_model_again_tiled(tiny_dir: Path, 
 
 
 def test_studio_upscales_one_drawing_from_its_tokens_to_twice_the_gallery_side(studio: Studio) -> None:
-    [drawing, _] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=3)], [lambda progress: None])[0]
+    [drawing, _] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=3)], [lambda progress: None])[
+        0
+    ]
 
     big = studio.upscale(UpscaleRequest(drawing.tokens))
 
@@ -175,8 +177,9 @@ def test_studio_upscales_one_drawing_from_its_tokens_to_twice_the_gallery_side(s
 
 def test_studio_without_an_upscaler_draws_model_size_images(tiny_dir: Path) -> None:
     """UPSCALER_WEIGHTS=none turns upscaling off: no upscaler is loaded and images stay 64 px."""
-    settings = Settings(_env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu",
-                        upscaler_weights="none")
+    settings = Settings(
+        _env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu", upscaler_weights="none"
+    )
     studio = Studio.load(settings)
     assert studio.upscaler is None
     assert studio.output_size == 64

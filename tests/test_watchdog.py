@@ -2,7 +2,8 @@
 models (issue 11, points 6 and 7).
 
 As in test_hardening.py: loop timers (the job timeout, the stuck grace period) run on SimCord's virtual clock,
-which the stand-ins on the GPU thread move, as time passing would; a member's action that must not wait for the
+which the stand-ins on the GPU thread move, as time passing would; a member's action that must not wait for
+the
 bot to settle is cut short (`taken_in`).
 """
 
@@ -61,14 +62,23 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
 
 def response_to(scene: Scene, member: Any) -> str:
     """The text of the public response to `member`'s latest command in the scene's channel."""
-    return text_of([m for m in scene.bot_messages()
-                    if m.interaction_metadata is not None and m.interaction_metadata.user.id == member.id][-1])
+    return text_of(
+        [
+            m
+            for m in scene.bot_messages()
+            if m.interaction_metadata is not None and m.interaction_metadata.user.id == member.id
+        ][-1]
+    )
 
 
 def drew(result: simcord.InteractionResult, prompt: str) -> bool:
     response = result.response
-    return (not result.ephemeral and response is not None and f"**{prompt}** — " in text_of(response)
-            and any(a.filename.startswith("janus_") for a in response.attachments))
+    return (
+        not result.ephemeral
+        and response is not None
+        and f"**{prompt}** — " in text_of(response)
+        and any(a.filename.startswith("janus_") for a in response.attachments)
+    )
 
 
 class Frozen:
@@ -103,18 +113,21 @@ class Frozen:
 
 
 async def test_a_gpu_thread_that_never_comes_back_tells_the_queue_shows_in_status_and_exits_non_zero(
-        scene, studio, make_bot, caplog):
+    scene, studio, make_bot, caplog
+):
     env = scene.env
-    bot = await make_bot(max_answer_tokens=TOKENS, images_per_prompt=1, job_timeout_seconds=TIMEOUT,
-                         gpu_stuck_seconds=GRACE)
+    bot = await make_bot(
+        max_answer_tokens=TOKENS, images_per_prompt=1, job_timeout_seconds=TIMEOUT, gpu_stuck_seconds=GRACE
+    )
     await env.restart_bot(bot)
     loop = asyncio.get_running_loop()
 
     def bob_waits() -> bool:
         return any("Waiting in line" in text and "a blue bird" in text for text in scene.contents())
 
-    bot.studio = frozen = Frozen(studio, bob_waits,
-                                 lambda seconds: loop.call_soon_threadsafe(env.backend.advance_clock, seconds))
+    bot.studio = frozen = Frozen(
+        studio, bob_waits, lambda seconds: loop.call_soon_threadsafe(env.backend.advance_clock, seconds)
+    )
     try:
         await taken_in(env, scene.alice.slash(scene.channel, "imagine", prompt="a frozen lake", count=1))
         await taken_in(env, scene.bob.slash(scene.channel, "imagine", prompt="a blue bird", count=1))
@@ -135,8 +148,10 @@ async def test_a_gpu_thread_that_never_comes_back_tells_the_queue_shows_in_statu
         await bot.store.close()
         store = await UsageStore.connect(bot.settings.database_path)
         try:
-            used = {member: (await store.usage(scene.guild.id, member.id, env.now())).user_generations
-                    for member in (scene.alice, scene.bob)}
+            used = {
+                member: (await store.usage(scene.guild.id, member.id, env.now())).user_generations
+                for member in (scene.alice, scene.bob)
+            }
         finally:
             await store.close()
         assert used == {scene.alice: 0, scene.bob: 0}  # both refunded
@@ -145,11 +160,18 @@ async def test_a_gpu_thread_that_never_comes_back_tells_the_queue_shows_in_statu
 
 
 async def test_a_slow_model_load_is_not_a_timed_out_job(settings, studio, monkeypatch, caplog):
-    """Loading may take longer than JOB_TIMEOUT_SECONDS (a first download, compiling): no timeout, no stuck GPU,
+    """Loading may take longer than JOB_TIMEOUT_SECONDS (a first download, compiling): no timeout, no
+    stuck GPU,
     and members are served once it is loaded."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # the bot sets it; restore it
-    current_settings = settings.model_copy(update={"job_timeout_seconds": TIMEOUT, "gpu_stuck_seconds": GRACE,
-                                                   "images_per_prompt": 1, "status_update_seconds": 0.0})
+    current_settings = settings.model_copy(
+        update={
+            "job_timeout_seconds": TIMEOUT,
+            "gpu_stuck_seconds": GRACE,
+            "images_per_prompt": 1,
+            "status_update_seconds": 0.0,
+        }
+    )
     store = await UsageStore.connect(current_settings.database_path)
     executor = GpuExecutor(job_timeout=TIMEOUT, stuck_grace=GRACE, notify_interval=0.0)
     # No studio: setup_hook loads it.
@@ -168,7 +190,9 @@ async def test_a_slow_model_load_is_not_a_timed_out_job(settings, studio, monkey
         await env.settle()
         assert bot.exit_code == 0 and not bot.is_closed() and not executor.stuck
         scene = open_scene(env)
-        assert drew(await scene.alice.slash(scene.channel, "imagine", prompt="a red fox", count=1), "a red fox")
+        assert drew(
+            await scene.alice.slash(scene.channel, "imagine", prompt="a red fox", count=1), "a red fox"
+        )
         assert "loading" not in render(await current(bot))
     finally:
         await env.shutdown()
@@ -178,8 +202,9 @@ async def test_a_slow_model_load_is_not_a_timed_out_job(settings, studio, monkey
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-async def test_a_model_that_fails_to_load_in_the_background_exits_1_with_one_line(settings, monkeypatch,
-                                                                                  caplog):
+async def test_a_model_that_fails_to_load_in_the_background_exits_1_with_one_line(
+    settings, monkeypatch, caplog
+):
     """Not only a bad setting: anything raised while loading or warming up (here CUDA) stops the bot, rather
     than leaving it online answering "Sorry" to everything."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
@@ -203,5 +228,6 @@ async def test_a_model_that_fails_to_load_in_the_background_exits_1_with_one_lin
     env.raise_errors()
     serious = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert [record.getMessage() for record in serious] == [
-        f"JANUS_MODEL: could not load {settings.janus_model!r}: {CUDA_ERROR}"]
+        f"JANUS_MODEL: could not load {settings.janus_model!r}: {CUDA_ERROR}"
+    ]
     assert serious[0].levelno == logging.CRITICAL and serious[0].exc_info is None

@@ -211,7 +211,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 @dataclass(frozen=True)
 class JanusShape:
-    """The sizes of a Janus-Pro model: the tiny test model, a mid-size one, or the real 1B / 7B architectures."""
+    """The sizes of a Janus-Pro model: the tiny test model, a mid-size one, or the real 1B / 7B
+    architectures."""
 
     text_hidden: int = TEXT_HIDDEN_SIZE
     text_intermediate: int = 2 * TEXT_HIDDEN_SIZE
@@ -235,13 +236,33 @@ class JanusShape:
 
 TINY = JanusShape()
 # A CPU-benchmark size: a 25 M-parameter language model, the real image codebook, 8 x 8 image tokens.
-MID = JanusShape(text_hidden=512, text_intermediate=1376, text_layers=8, text_heads=8, vision_hidden=64,
-                 vision_layers=2, vision_heads=4, image_size=128, vq_base_channels=64,
-                 vq_channel_multiplier=(1, 1, 2, 2, 4), vq_num_embeddings=16384, vq_latent_channels=64)
+MID = JanusShape(
+    text_hidden=512,
+    text_intermediate=1376,
+    text_layers=8,
+    text_heads=8,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=4,
+    image_size=128,
+    vq_base_channels=64,
+    vq_channel_multiplier=(1, 1, 2, 2, 4),
+    vq_num_embeddings=16384,
+    vq_latent_channels=64,
+)
 # deepseek-ai/Janus-Pro-1B and -7B (SigLIP-L vision at 384 px, 576 image tokens, 16384 image codes).
-_REAL = dict(text_vocab=102400, vision_hidden=1024, vision_layers=24, vision_heads=16, image_size=384,
-             vq_base_channels=128, vq_channel_multiplier=(1, 1, 2, 2, 4), vq_num_embeddings=16384,
-             vq_latent_channels=256, vq_res_blocks=2)
+_REAL = dict(
+    text_vocab=102400,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    image_size=384,
+    vq_base_channels=128,
+    vq_channel_multiplier=(1, 1, 2, 2, 4),
+    vq_num_embeddings=16384,
+    vq_latent_channels=256,
+    vq_res_blocks=2,
+)
 JANUS_PRO_1B = JanusShape(text_hidden=2048, text_intermediate=5632, text_layers=24, text_heads=16, **_REAL)
 JANUS_PRO_7B = JanusShape(text_hidden=4096, text_intermediate=11008, text_layers=30, text_heads=32, **_REAL)
 
@@ -262,8 +283,9 @@ def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
     return directory
 
 
-def build_random_janus(shape: JanusShape, seed: int = SEED, *, device: str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
+def build_random_janus(
+    shape: JanusShape, seed: int = SEED, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
     """A random Janus-Pro model of the given shape and its processor, in memory (speed does not depend on
     the weights' values, so this stands in for the real checkpoints in benchmarks)."""
     from transformers import (

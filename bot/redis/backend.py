@@ -61,8 +61,17 @@ TOKEN_SECONDS = 15 * 60  # an interaction token's life: no use keeping it longer
 class RedisJob(Job[T]):
     """A job run by a GPU worker somewhere, seen through its event stream."""
 
-    def __init__(self, backend: RedisBackend, *, job_id: str, kind: str, owner: int, weight: int,
-                 origin: Origin | None = None, charge: Charge | None = None) -> None:
+    def __init__(
+        self,
+        backend: RedisBackend,
+        *,
+        job_id: str,
+        kind: str,
+        owner: int,
+        weight: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> None:
         super().__init__(kind=kind, owner=owner, weight=weight, loop=asyncio.get_running_loop())
         self.id, self.origin, self.charge, self._backend = job_id, origin, charge, backend
         self.entry_id: str | None = None  # the job stream's entry, once written
@@ -149,16 +158,29 @@ class RedisBackend:
 
     # ---- the Backend protocol ------------------------------------------------------------------------------
 
-    def ask(self, request: AskRequest, *, owner: int, origin: Origin | None = None,
-            charge: Charge | None = None) -> RedisJob[str]:
+    def ask(
+        self, request: AskRequest, *, owner: int, origin: Origin | None = None, charge: Charge | None = None
+    ) -> RedisJob[str]:
         return self._submit(request, owner=owner, weight=1, origin=origin, charge=charge)
 
-    def imagine(self, request: ImagineRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> RedisJob[list[Drawing]]:
+    def imagine(
+        self,
+        request: ImagineRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> RedisJob[list[Drawing]]:
         return self._submit(request, owner=owner, weight=request.count, origin=origin, charge=charge)
 
-    def upscale(self, request: UpscaleRequest, *, owner: int, origin: Origin | None = None,
-                charge: Charge | None = None) -> RedisJob[Image.Image]:
+    def upscale(
+        self,
+        request: UpscaleRequest,
+        *,
+        owner: int,
+        origin: Origin | None = None,
+        charge: Charge | None = None,
+    ) -> RedisJob[Image.Image]:
         # No origin: nothing re-attaches an upscale, so it ends with this process (and is refunded).
         return self._submit(request, owner=owner, weight=1, origin=None, charge=charge)
 
@@ -195,8 +217,9 @@ class RedisBackend:
 
     # ---- submitting and withdrawing ------------------------------------------------------------------------
 
-    def _submit(self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None,
-                charge: Charge | None) -> RedisJob[Any]:
+    def _submit(
+        self, request: wire.Request, *, owner: int, weight: int, origin: Origin | None, charge: Charge | None
+    ) -> RedisJob[Any]:
         if self.closing or not self.accepting:
             raise QueueFull(NOT_ACCEPTING)
         waiting = sum(1 for job in self.jobs.values() if job.position)
@@ -207,8 +230,9 @@ class RedisBackend:
             entry, images = wire.encode_request(job_id, request)  # the schema the workers check it against
         except wire.BadEntry as error:
             raise BadPrompt(REFUSED.format(error)) from None
-        job: RedisJob[Any] = RedisJob(self, job_id=job_id, kind=entry.kind, owner=owner, weight=weight,
-                                      origin=origin, charge=charge)  # the charge goes into its record
+        job: RedisJob[Any] = RedisJob(
+            self, job_id=job_id, kind=entry.kind, owner=owner, weight=weight, origin=origin, charge=charge
+        )  # the charge goes into its record
         if self.online is False:
             job.notice = NO_WORKER
         self.jobs[job.id] = job
@@ -217,8 +241,14 @@ class RedisBackend:
         self._spawn(self._queue_and_follow(job, entry, images, turn, self._last_queued), f"job-{job.id}")
         return job
 
-    async def _queue_and_follow(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any],
-                                after: asyncio.Future[None] | None, queued: asyncio.Future[None]) -> None:
+    async def _queue_and_follow(
+        self,
+        job: RedisJob[Any],
+        entry: wire.Entry,
+        images: list[Any],
+        after: asyncio.Future[None] | None,
+        queued: asyncio.Future[None],
+    ) -> None:
         """Queue the job once the job submitted before it is queued (the queue keeps submission order), then
         follow it."""
         try:
@@ -237,8 +267,9 @@ class RedisBackend:
             await self._check_queue(job, wire.events_key(job.id), "0-0")
         await self._follow(job)
 
-    async def _queue_in_turn(self, job: RedisJob[Any], entry: wire.Entry, images: list[Any],
-                             after: asyncio.Future[None] | None) -> JobFailed | None:
+    async def _queue_in_turn(
+        self, job: RedisJob[Any], entry: wire.Entry, images: list[Any], after: asyncio.Future[None] | None
+    ) -> JobFailed | None:
         """Encode the job's images (alongside the jobs before it), wait for the one before it to be queued,
         and queue it; the failure to tell its requester, if it could not be."""
         try:
@@ -270,13 +301,20 @@ class RedisBackend:
             if job.origin is not None:
                 origin = job.origin
                 record = wire.Awaiting(
-                    kind=entry.kind, owner=job.owner or 0, guild=origin.guild_id, channel=origin.channel_id,
-                    message=origin.message_id, request=entry.request, inputs=len(blobs),
-                    charge=None if job.charge is None else wire.ChargeData.of(job.charge))
+                    kind=entry.kind,
+                    owner=job.owner or 0,
+                    guild=origin.guild_id,
+                    channel=origin.channel_id,
+                    message=origin.message_id,
+                    request=entry.request,
+                    inputs=len(blobs),
+                    charge=None if job.charge is None else wire.ChargeData.of(job.charge),
+                )
                 pipe.hset(wire.AWAITING, job.id, record.model_dump_json())
                 if origin.token:
-                    reply = wire.Reply(application=origin.application_id, token=origin.token,
-                                       created=origin.created_at)
+                    reply = wire.Reply(
+                        application=origin.application_id, token=origin.token, created=origin.created_at
+                    )
                     pipe.set(wire.reply_key(job.id), reply.model_dump_json(), ex=min(self.ttl, TOKEN_SECONDS))
             pipe.xadd(wire.JOBS, entry.fields())  # type: ignore[arg-type]
             *_, entry_id = await pipe.execute()
@@ -492,8 +530,10 @@ class RedisBackend:
             else:
                 if online != self.online:
                     if not online:
-                        log.warning("No GPU worker has been seen for %gs; requests wait for one",
-                                    self.settings.worker_lease_seconds)
+                        log.warning(
+                            "No GPU worker has been seen for %gs; requests wait for one",
+                            self.settings.worker_lease_seconds,
+                        )
                     elif self.online is False:
                         log.info("A GPU worker is online again")
                     self.online = online
@@ -537,11 +577,21 @@ class RedisBackend:
             raw_reply = await wire.get_one(self.redis, wire.reply_key(job_id))  # gone once the token is
             reply = wire.Reply.model_validate_json(raw_reply) if raw_reply else None
             job: RedisJob[Any] = RedisJob(
-                self, job_id=job_id, kind=kind, owner=record.owner,
+                self,
+                job_id=job_id,
+                kind=kind,
+                owner=record.owner,
                 weight=request.count if isinstance(request, ImagineRequest) else 1,
-                origin=Origin(record.guild, record.channel, reply.application if reply else 0,
-                              reply.token if reply else "", record.message, reply.created if reply else 0.0),
-                charge=record.charge.charge() if record.charge else None)
+                origin=Origin(
+                    record.guild,
+                    record.channel,
+                    reply.application if reply else 0,
+                    reply.token if reply else "",
+                    record.message,
+                    reply.created if reply else 0.0,
+                ),
+                charge=record.charge.charge() if record.charge else None,
+            )
             job.entry_id = queued.get(raw_id, "0-1")  # not queued any more: ran or is running (or was lost)
             job.inputs = record.inputs
             self.jobs[job_id] = job

@@ -72,7 +72,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Event types of a job's stream, in the order they may come. A job ends with exactly one of the last three.
 STARTED, RESTARTED, PROGRESS, PREVIEW, DONE, FAILED, CANCELLED = (
-    "started", "restarted", "progress", "preview", "done", "failed", "cancelled")
+    "started",
+    "restarted",
+    "progress",
+    "preview",
+    "done",
+    "failed",
+    "cancelled",
+)
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 
 Request = AskRequest | ImagineRequest | UpscaleRequest
@@ -113,16 +120,21 @@ def worker_key(name: str) -> str:
 
 def job_keys(job_id: str, *, inputs: int, images: int) -> list[str]:
     """Every key a job may have (`inputs` question images, `images` result and preview images)."""
-    return [events_key(job_id), cancel_key(job_id), reply_key(job_id),
-            *(input_key(job_id, index) for index in range(inputs)),
-            *(key(job_id, index) for index in range(max(images, 1)) for key in (preview_key, result_key))]
+    return [
+        events_key(job_id),
+        cancel_key(job_id),
+        reply_key(job_id),
+        *(input_key(job_id, index) for index in range(inputs)),
+        *(key(job_id, index) for index in range(max(images, 1)) for key in (preview_key, result_key)),
+    ]
 
 
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client whose socket timeout outlasts every blocking read (BLOCK_MS)."""
     assert BLOCK_MS / 1000 < SOCKET_TIMEOUT
-    return aioredis.from_url(url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-                             health_check_interval=30)
+    return aioredis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT, health_check_interval=30
+    )
 
 
 def redacted(url: str) -> str:
@@ -146,16 +158,19 @@ Fields = dict[bytes, bytes]
 StreamEntries = list[tuple[bytes, Fields]]
 
 
-async def read_stream(redis: aioredis.Redis, key: str, after: str, *,
-                      block: int | None = None) -> StreamEntries:
+async def read_stream(
+    redis: aioredis.Redis, key: str, after: str, *, block: int | None = None
+) -> StreamEntries:
     """The entries of one stream after id `after` (up to EVENTS_MAXLEN), waiting up to `block` ms for some."""
-    reply = cast("list[tuple[bytes, StreamEntries]]", await redis.xread({key: after}, count=EVENTS_MAXLEN,
-                                                                         block=block))
+    reply = cast(
+        "list[tuple[bytes, StreamEntries]]", await redis.xread({key: after}, count=EVENTS_MAXLEN, block=block)
+    )
     return reply[0][1] if reply else []
 
 
-async def stream_range(redis: aioredis.Redis, key: str, start: str = "-", end: str = "+",
-                       count: int | None = None) -> StreamEntries:
+async def stream_range(
+    redis: aioredis.Redis, key: str, start: str = "-", end: str = "+", count: int | None = None
+) -> StreamEntries:
     return cast(StreamEntries, await redis.xrange(key, start, end, count=count))
 
 
@@ -267,12 +282,25 @@ class ChargeData(_Strict):
 
     @classmethod
     def of(cls, charge: Charge) -> ChargeData:
-        return cls(guild_id=charge.guild_id, user_id=charge.user_id, kind=charge.kind, day=charge.day,
-                   charged_at=charge.charged_at, previous_request_at=charge.previous_request_at)
+        return cls(
+            guild_id=charge.guild_id,
+            user_id=charge.user_id,
+            kind=charge.kind,
+            day=charge.day,
+            charged_at=charge.charged_at,
+            previous_request_at=charge.previous_request_at,
+        )
 
     def charge(self) -> Charge:
-        return Charge(ALLOWED, guild_id=self.guild_id, user_id=self.user_id, kind=self.kind, day=self.day,
-                      charged_at=self.charged_at, previous_request_at=self.previous_request_at)
+        return Charge(
+            ALLOWED,
+            guild_id=self.guild_id,
+            user_id=self.user_id,
+            kind=self.kind,
+            day=self.day,
+            charged_at=self.charged_at,
+            previous_request_at=self.previous_request_at,
+        )
 
 
 class Awaiting(BaseModel):
@@ -346,8 +374,13 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
     try:
         if isinstance(request, ImagineRequest):
             data: RequestData = ImagineData(
-                prompt=request.prompt, count=request.count, guidance=float(request.guidance),
-                temperature=float(request.temperature), seed=request.seed, keep=list(request.keep))
+                prompt=request.prompt,
+                count=request.count,
+                guidance=float(request.guidance),
+                temperature=float(request.temperature),
+                seed=request.seed,
+                keep=list(request.keep),
+            )
             return Entry(job=job_id, kind="imagine", weight=request.count, request=data.model_dump_json()), []
         if isinstance(request, UpscaleRequest):
             data = UpscaleData(tokens=list(request.tokens))
@@ -358,11 +391,19 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
             images.extend(batch)
             return list(range(len(images) - len(batch), len(images)))
 
-        data = AskData.model_validate({
-            "question": request.question, "images": refer(request.images),
-            "history": [{"role": t.role, "text": t.text, "images": refer(t.images)} for t in request.history],
-            "temperature": float(request.temperature), "top_p": float(request.top_p),
-            "max_new_tokens": request.max_new_tokens, "seed": request.seed})
+        data = AskData.model_validate(
+            {
+                "question": request.question,
+                "images": refer(request.images),
+                "history": [
+                    {"role": t.role, "text": t.text, "images": refer(t.images)} for t in request.history
+                ],
+                "temperature": float(request.temperature),
+                "top_p": float(request.top_p),
+                "max_new_tokens": request.max_new_tokens,
+                "seed": request.seed,
+            }
+        )
         return Entry(job=job_id, kind="ask", weight=1, request=data.model_dump_json()), images
     except ValidationError as error:
         raise BadEntry(_first_error(error)) from None
@@ -371,8 +412,14 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
 def decode_request(data: RequestData, images: Sequence[Image.Image | None]) -> Request:
     """The request a checked entry holds, given its images in order (None for one that is gone: left out)."""
     if isinstance(data, ImagineData):
-        return ImagineRequest(prompt=data.prompt, count=data.count, guidance=data.guidance,
-                              temperature=data.temperature, seed=data.seed, keep=tuple(data.keep))
+        return ImagineRequest(
+            prompt=data.prompt,
+            count=data.count,
+            guidance=data.guidance,
+            temperature=data.temperature,
+            seed=data.seed,
+            keep=tuple(data.keep),
+        )
     if isinstance(data, UpscaleData):
         return UpscaleRequest(tuple(data.tokens))
 
@@ -380,9 +427,15 @@ def decode_request(data: RequestData, images: Sequence[Image.Image | None]) -> R
         return tuple(image for i in indices if i < len(images) and (image := images[i]) is not None)
 
     history = tuple(Turn(t.role, t.text, pick(t.images)) for t in data.history)
-    return AskRequest(question=data.question, images=pick(data.images), history=history,
-                      temperature=data.temperature, top_p=data.top_p, max_new_tokens=data.max_new_tokens,
-                      seed=data.seed)
+    return AskRequest(
+        question=data.question,
+        images=pick(data.images),
+        history=history,
+        temperature=data.temperature,
+        top_p=data.top_p,
+        max_new_tokens=data.max_new_tokens,
+        seed=data.seed,
+    )
 
 
 # ---- images -----------------------------------------------------------------------------------------------

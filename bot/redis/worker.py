@@ -51,8 +51,10 @@ CANCEL_POLL_SECONDS = 1.0  # a running job looks for its cancel flag at least th
 SHUTDOWN_GRACE_SECONDS = 60.0  # on SIGTERM, running jobs get this long to finish; the rest are handed back
 EXIT_STUCK = 3  # the exit status of a worker whose GPU thread stopped making progress
 SORRY = "Sorry, something went wrong on the GPU worker. Please try again in a moment."
-SET_ASIDE = (f"Sorry, this request stopped the GPU worker that took it {wire.MAX_DELIVERIES} times, so it "
-             "was set aside. Please try a different prompt or settings.")
+SET_ASIDE = (
+    f"Sorry, this request stopped the GPU worker that took it {wire.MAX_DELIVERIES} times, so it "
+    "was set aside. Please try a different prompt or settings."
+)
 UNREADABLE = "Sorry, the GPU worker could not read this request, so it was set aside. Please ask again."
 INPUT_EXPIRED = "Sorry, this request's images expired before a GPU worker got to it. Please ask again."
 JOB_KINDS = ("ask", "imagine", "upscale")  # the jobs a worker's figures count (not its model's loading)
@@ -220,9 +222,10 @@ class Worker:
             return
         for held in handing:
             held.handed_back = True
-        count = await self._hand_back_script(keys=[wire.JOBS],
-                                             args=[wire.GROUP, self.name, int(self.lease * 2000),
-                                                   *(held.entry_id for held in handing)])
+        count = await self._hand_back_script(
+            keys=[wire.JOBS],
+            args=[wire.GROUP, self.name, int(self.lease * 2000), *(held.entry_id for held in handing)],
+        )
         log.info("Handed %d job(s) back for other workers", count)
         for held in handing:
             if held.job is not None:
@@ -245,7 +248,8 @@ class Worker:
     async def _take_over_one(self) -> tuple[str, dict[bytes, bytes], int, bool] | None:
         """One entry idle longer than the lease (its worker stopped), with how often it has been delivered."""
         reply = await self.redis.xautoclaim(
-            wire.JOBS, wire.GROUP, self.name, int(self.lease * 1000), start_id=self._claim_cursor, count=1)
+            wire.JOBS, wire.GROUP, self.name, int(self.lease * 1000), start_id=self._claim_cursor, count=1
+        )
         next_cursor, claimed = cast(tuple[bytes, wire.StreamEntries], tuple(reply[:2]))
         self._claim_cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
         for raw_id, fields in claimed:
@@ -261,22 +265,29 @@ class Worker:
 
     async def _read_one(self, *, block: bool) -> tuple[str, dict[bytes, bytes], int, bool] | None:
         """One new entry; waits up to BLOCK_MS for it when `block` (less than the socket timeout)."""
-        reply = await self.redis.xreadgroup(wire.GROUP, self.name, {wire.JOBS: ">"}, count=1,
-                                            block=wire.BLOCK_MS if block else None)
+        reply = await self.redis.xreadgroup(
+            wire.GROUP, self.name, {wire.JOBS: ">"}, count=1, block=wire.BLOCK_MS if block else None
+        )
         for _stream, entries in cast("list[tuple[bytes, wire.StreamEntries]]", reply or []):
             for raw_id, fields in entries:
                 return raw_id.decode(), fields, 1, False
         return None
 
-    async def _admit(self, entry_id: str, fields: dict[bytes, bytes], attempt: int,
-                     taken_over: bool) -> Held | None:
+    async def _admit(
+        self, entry_id: str, fields: dict[bytes, bytes], attempt: int, taken_over: bool
+    ) -> Held | None:
         """Hold an entry to run it; or set it aside (it keeps killing workers, or cannot be read), skip it
         when withdrawn, or fail it when its images expired."""
         if entry_id in self.held:  # its own, idle too long while Redis was out of reach: still running here
             return None
         if attempt > wire.MAX_DELIVERIES:
-            await self._set_aside(entry_id, fields, f"delivered {attempt} times without finishing", SET_ASIDE,
-                                  deliveries=attempt)
+            await self._set_aside(
+                entry_id,
+                fields,
+                f"delivered {attempt} times without finishing",
+                SET_ASIDE,
+                deliveries=attempt,
+            )
             return None
         try:
             entry = wire.decode_entry(fields)
@@ -292,8 +303,9 @@ class Worker:
         found = await wire.get_many(self.redis, [wire.input_key(entry.job, i) for i in range(inputs)])
         blobs = [blob for blob in found if blob]
         if len(blobs) < inputs:
-            await self._finish(entry_id, entry.job, wire.FAILED, inputs=inputs, images=entry.weight,
-                               text=INPUT_EXPIRED)
+            await self._finish(
+                entry_id, entry.job, wire.FAILED, inputs=inputs, images=entry.weight, text=INPUT_EXPIRED
+            )
             return None
         try:
             images = await asyncio.to_thread(lambda: [wire.decode_input(blob) for blob in blobs])
@@ -311,29 +323,39 @@ class Worker:
         events = await wire.stream_range(self.redis, wire.events_key(job_id), count=wire.EVENTS_MAXLEN)
         return any(fields.get(b"type") == wire.STARTED.encode() for _id, fields in events)
 
-    async def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], reason: str, told: str,
-                         deliveries: int = 1) -> None:
+    async def _set_aside(
+        self, entry_id: str, fields: dict[bytes, bytes], reason: str, told: str, deliveries: int = 1
+    ) -> None:
         """Move an entry to the dead-letter stream with the reason, and tell its requester (if it has a
         readable job id)."""
         job_id = wire.entry_job_id(fields)
-        log.error("Setting entry %s (job %s) aside in %s: %s", entry_id, job_id or "unknown", wire.DEAD,
-                  reason)
-        record = {**fields, b"entry": entry_id, b"reason": reason, b"deliveries": deliveries,
-                  b"worker": self.name}
+        log.error(
+            "Setting entry %s (job %s) aside in %s: %s", entry_id, job_id or "unknown", wire.DEAD, reason
+        )
+        record = {
+            **fields,
+            b"entry": entry_id,
+            b"reason": reason,
+            b"deliveries": deliveries,
+            b"worker": self.name,
+        }
         await self.redis.xadd(wire.DEAD, record, maxlen=wire.DEAD_MAXLEN)  # type: ignore[arg-type]
         if job_id is None:
             await self._finish(entry_id, "unknown", "")
         else:
-            await self._finish(entry_id, job_id, wire.FAILED, inputs=wire.MAX_IMAGES, images=wire.MAX_COUNT,
-                               text=told)
+            await self._finish(
+                entry_id, job_id, wire.FAILED, inputs=wire.MAX_IMAGES, images=wire.MAX_COUNT, text=told
+            )
 
     # ---- running jobs --------------------------------------------------------------------------------------
 
     def _gpu_given_up(self) -> None:
         """The executor gave up on its GPU thread (a timed-out job never gave it back): stop, as a stall
         does."""
-        log.critical("The GPU thread is stuck on a timed-out job; letting go of its jobs and exiting with "
-                     "status %d", EXIT_STUCK)
+        log.critical(
+            "The GPU thread is stuck on a timed-out job; letting go of its jobs and exiting with status %d",
+            EXIT_STUCK,
+        )
         self.stuck = True
         self._stop.set()
 
@@ -443,35 +465,80 @@ class Worker:
             pipe.expire(key, self.ttl)
             await pipe.execute()
 
-    async def _finish_held(self, held: Held, kind: str, *, results: Sequence[bytes] = (),
-                           **fields: Any) -> bool:
-        return await self._finish(held.entry_id, held.job_id, kind, results=results, inputs=held.inputs,
-                                  images=held.images, **fields)
+    async def _finish_held(
+        self, held: Held, kind: str, *, results: Sequence[bytes] = (), **fields: Any
+    ) -> bool:
+        return await self._finish(
+            held.entry_id,
+            held.job_id,
+            kind,
+            results=results,
+            inputs=held.inputs,
+            images=held.images,
+            **fields,
+        )
 
-    async def _finish(self, entry_id: str, job_id: str, kind: str, *, results: Sequence[bytes] = (),
-                      inputs: int = 0, images: int = 0, **fields: Any) -> bool:
+    async def _finish(
+        self,
+        entry_id: str,
+        job_id: str,
+        kind: str,
+        *,
+        results: Sequence[bytes] = (),
+        inputs: int = 0,
+        images: int = 0,
+        **fields: Any,
+    ) -> bool:
         """Store the results, append the job's last event (of type `kind`; none when empty) and let go of its
         entry, deleting the job's inputs and previews, if this worker still owns the entry; a job another
         worker took over meanwhile is left to that worker. True when it did."""
         result_keys = [wire.result_key(job_id, index) for index in range(len(results))]
-        spent = [*(wire.input_key(job_id, index) for index in range(inputs)),
-                 *(wire.preview_key(job_id, index) for index in range(images))]
+        spent = [
+            *(wire.input_key(job_id, index) for index in range(inputs)),
+            *(wire.preview_key(job_id, index) for index in range(images)),
+        ]
         pairs = {"type": kind, **fields}.items() if kind else ()
         event = [item for name, value in pairs for item in (name, value)]
-        return await self._let_go(entry_id, job_id, result_keys, results, spent, event,
-                                  f"Job {job_id}: {kind}")
+        return await self._let_go(
+            entry_id, job_id, result_keys, results, spent, event, f"Job {job_id}: {kind}"
+        )
 
     async def _withdrawn(self, entry_id: str, job_id: str, *, inputs: int, images: int) -> None:
         """Let go of a withdrawn job, deleting all of its keys: nobody waits for its outcome any more."""
-        await self._let_go(entry_id, job_id, [], [], wire.job_keys(job_id, inputs=inputs, images=images), [],
-                           f"Job {job_id}: withdrawn")
+        await self._let_go(
+            entry_id,
+            job_id,
+            [],
+            [],
+            wire.job_keys(job_id, inputs=inputs, images=images),
+            [],
+            f"Job {job_id}: withdrawn",
+        )
 
-    async def _let_go(self, entry_id: str, job_id: str, result_keys: list[str], results: Sequence[bytes],
-                      spent: list[str], event: list[Any], what: str) -> bool:
+    async def _let_go(
+        self,
+        entry_id: str,
+        job_id: str,
+        result_keys: list[str],
+        results: Sequence[bytes],
+        spent: list[str],
+        event: list[Any],
+        what: str,
+    ) -> bool:
         owned = await self._finish_script(
             keys=[wire.JOBS, wire.events_key(job_id), *result_keys, *spent],
-            args=[wire.GROUP, self.name, entry_id, self.ttl, wire.EVENTS_MAXLEN, len(results), len(spent),
-                  *results, *event])
+            args=[
+                wire.GROUP,
+                self.name,
+                entry_id,
+                self.ttl,
+                wire.EVENTS_MAXLEN,
+                len(results),
+                len(spent),
+                *results,
+                *event,
+            ],
+        )
         if owned:
             log.info("%s", what)
         else:
@@ -486,8 +553,12 @@ class Worker:
         while True:
             await asyncio.sleep(self.lease / 3)
             if (stalled := self._stalled_for()) > self.lease:
-                log.critical("The GPU thread has reported no progress for %.0fs; letting go of its jobs "
-                             "(other workers take them over) and exiting with status %d", stalled, EXIT_STUCK)
+                log.critical(
+                    "The GPU thread has reported no progress for %.0fs; letting go of its jobs "
+                    "(other workers take them over) and exiting with status %d",
+                    stalled,
+                    EXIT_STUCK,
+                )
                 self.stuck = True
                 self._stop.set()
                 return
@@ -514,8 +585,12 @@ class Worker:
         entry_ids = list(self.held)
         if not entry_ids:
             return
-        owned = {raw.decode() for raw in await self._heartbeat_script(
-            keys=[wire.JOBS], args=[wire.GROUP, self.name, *entry_ids])}
+        owned = {
+            raw.decode()
+            for raw in await self._heartbeat_script(
+                keys=[wire.JOBS], args=[wire.GROUP, self.name, *entry_ids]
+            )
+        }
         for entry_id in entry_ids:
             held = self.held.get(entry_id)
             if held is not None and entry_id not in owned and not held.lost and not held.handed_back:
@@ -527,10 +602,16 @@ class Worker:
     async def _publish_figures(self) -> None:
         """This worker's figures, for /status and the metrics; they expire a lease after, unless renewed."""
         own = self.backend.worker_status()
-        figures = own.model_copy(update={
-            "name": self.name, "host": self.name.rpartition(":")[0], "slots": self.slots,
-            "busy": self.slots - self.free, "jobs_done": self.jobs_done,
-            "timings": {kind: value for kind, value in own.timings.items() if kind in JOB_KINDS}})
+        figures = own.model_copy(
+            update={
+                "name": self.name,
+                "host": self.name.rpartition(":")[0],
+                "slots": self.slots,
+                "busy": self.slots - self.free,
+                "jobs_done": self.jobs_done,
+                "timings": {kind: value for kind, value in own.timings.items() if kind in JOB_KINDS},
+            }
+        )
         await self.redis.set(wire.worker_key(self.name), figures.model_dump_json(), px=int(self.lease * 1000))
 
     async def _leave(self) -> None:
@@ -564,8 +645,12 @@ def _load_studio(settings: Settings) -> Any:
     return Studio.load(settings, preview_seconds=settings.preview_seconds)
 
 
-async def run_worker(settings: Settings, *, load_studio: Callable[[Settings], Any] | None = None,
-                     grace: float = SHUTDOWN_GRACE_SECONDS) -> int:
+async def run_worker(
+    settings: Settings,
+    *,
+    load_studio: Callable[[Settings], Any] | None = None,
+    grace: float = SHUTDOWN_GRACE_SECONDS,
+) -> int:
     """Connect to Redis, load the studio on this worker's GPU thread, and serve jobs until SIGTERM/SIGINT.
     A worker whose GPU thread got stuck exits at once with EXIT_STUCK: that thread cannot be stopped."""
     url = settings.redis_url.get_secret_value() if settings.redis_url else ""
@@ -578,17 +663,26 @@ async def run_worker(settings: Settings, *, load_studio: Callable[[Settings], An
         except (aioredis.RedisError, OSError) as error:
             raise StartupError(f"REDIS_URL: cannot use Redis at {wire.redacted(url)}: {error}") from None
         slots = settings.worker_slots or settings.max_batch_images
-        executor = GpuExecutor(slots, max_batch=settings.max_batch_images,
-                               job_timeout=settings.job_timeout_seconds,
-                               stuck_grace=settings.gpu_stuck_seconds,
-                               notify_interval=settings.status_update_seconds)
+        executor = GpuExecutor(
+            slots,
+            max_batch=settings.max_batch_images,
+            job_timeout=settings.job_timeout_seconds,
+            stuck_grace=settings.gpu_stuck_seconds,
+            notify_interval=settings.status_update_seconds,
+        )
         executor.start()
         started, status = time.perf_counter(), 1
         try:
             studio = await executor.call(load_studio or _load_studio, settings)
             name = f"{socket.gethostname()}:{os.getpid()}"
-            log.info("Worker %s ready in %.1fs: %d slot(s), lease %.1fs, Redis at %s", name,
-                     time.perf_counter() - started, slots, settings.worker_lease_seconds, wire.redacted(url))
+            log.info(
+                "Worker %s ready in %.1fs: %d slot(s), lease %.1fs, Redis at %s",
+                name,
+                time.perf_counter() - started,
+                slots,
+                settings.worker_lease_seconds,
+                wire.redacted(url),
+            )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
