@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import discord
+import discord.gateway
+import discord.http
 import yarl
 from discord import app_commands
 from discord.ext import commands

@@ -14,7 +14,13 @@ from typing import Any, Protocol
 
 import discord
 from discord.utils import MISSING
-from discord.webhook.async_ import async_context, handle_message_parameters
+
+# discord.py's own helper for building a webhook call's payload (not in its public API): editing a response
+# through a resumed webhook must lay out files and components exactly as discord.py does.
+from discord.webhook.async_ import (
+    async_context,
+    handle_message_parameters,  # pyright: ignore[reportPrivateImportUsage]
+)
 
 from bot.errors import UserFacingError
 from bot.jobs import Origin
@@ -243,9 +249,9 @@ class ResumedInteraction:
         )
         return cls(
             user,
-            channel,
+            channel,  # type: ignore[arg-type]  # a channel the job came from can be sent to
             guild_id,
-            bot.get_guild(origin.guild_id) if guild_id else None,  # type: ignore[arg-type]
+            bot.get_guild(origin.guild_id) if guild_id else None,
             webhook,
             created,
         )

@@ -9,7 +9,7 @@ import logging
 import re
 import sqlite3
 import struct
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -164,10 +164,12 @@ class UsageStore:
 
     async def gallery(self, gallery_id: int) -> Gallery | None:
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall(
-                "SELECT guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, parent_id, "
-                "parent_index FROM galleries WHERE id = ?",
-                (gallery_id,),
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT guild_id, requester_id, prompt, count, guidance, temperature, seed, keep, "
+                    "parent_id, parent_index FROM galleries WHERE id = ?",
+                    (gallery_id,),
+                )
             )
         if not rows:
             return None
@@ -177,8 +179,10 @@ class UsageStore:
     async def image_tokens(self, gallery_id: int, index: int) -> tuple[int, ...] | None:
         """The tokens image `index` (0-based) of a gallery was decoded from; None if unknown."""
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall(
-                "SELECT tokens FROM gallery_images WHERE gallery_id = ? AND idx = ?", (gallery_id, index)
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT tokens FROM gallery_images WHERE gallery_id = ? AND idx = ?", (gallery_id, index)
+                )
             )
         return unpack_tokens(rows[0][0]) if rows else None
 
@@ -200,10 +204,12 @@ class UsageStore:
     async def gallery_messages(self, gallery_id: int) -> list[tuple[int, int]]:
         """(channel id, message id) of each message a gallery was posted in, oldest first."""
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall(
-                "SELECT channel_id, message_id FROM gallery_messages WHERE gallery_id = ? "
-                "ORDER BY message_id",
-                (gallery_id,),
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT channel_id, message_id FROM gallery_messages WHERE gallery_id = ? "
+                    "ORDER BY message_id",
+                    (gallery_id,),
+                )
             )
         return [(channel_id, message_id) for channel_id, message_id in rows]
 
@@ -223,8 +229,8 @@ class UsageStore:
 
     async def suggested_prompt(self, prompt_id: int) -> str | None:
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall(
-                "SELECT prompt FROM suggested_prompts WHERE id = ?", (prompt_id,)
+            rows = list(
+                await db.execute_fetchall("SELECT prompt FROM suggested_prompts WHERE id = ?", (prompt_id,))
             )
         return rows[0][0] if rows else None
 
@@ -233,8 +239,11 @@ class UsageStore:
     async def policy(self, guild_id: int, defaults: Policy) -> Policy:
         """`defaults` with this server's overrides applied and its lists added."""
         async with self._transaction("BEGIN") as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {', '.join(_OVERRIDE_COLUMNS)} FROM guild_settings WHERE guild_id = ?", (guild_id,)
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {', '.join(_OVERRIDE_COLUMNS)} FROM guild_settings WHERE guild_id = ?",
+                    (guild_id,),
+                )
             )
             lists: dict[str, frozenset[int | str]] = {}
             for name, (table, column) in _LISTS.items():
@@ -276,7 +285,7 @@ class UsageStore:
     async def set_log_channel(self, guild_id: int, channel_id: int | None) -> None:
         await self._set_columns(guild_id, {"log_channel_id": channel_id})
 
-    async def _set_columns(self, guild_id: int, values: dict[str, int | None]) -> None:
+    async def _set_columns(self, guild_id: int, values: Mapping[str, int | None]) -> None:
         columns = ", ".join(values)  # names are checked against _OVERRIDE_COLUMNS by the callers
         updates = ", ".join(f"{name} = excluded.{name}" for name in values)
         async with self._transaction() as db:
@@ -389,8 +398,11 @@ async def _read_usage(db: aiosqlite.Connection, guild_id: int, user_id: int, day
             (user_id, guild_id, day),
         )
     }
-    rows = await db.execute_fetchall(
-        "SELECT last_request_at FROM member_activity WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+    rows = list(
+        await db.execute_fetchall(
+            "SELECT last_request_at FROM member_activity WHERE guild_id = ? AND user_id = ?",
+            (guild_id, user_id),
+        )
     )
     last = next((datetime.fromisoformat(at) for (at,) in rows if at is not None), None)
     server_generations, user_generations = counts.get("imagine", (0, 0))

@@ -15,6 +15,7 @@ from bot.places import SERVER_CHANNELS, member_contexts, pin
 
 if TYPE_CHECKING:
     from bot.client import JanusBot
+    from bot.store import ListName
 
 Count = app_commands.Range[int, 0, 1_000_000]
 LOG_PERMISSIONS = ("view_channel", "send_messages", "attach_files")  # to post in the moderation log
@@ -204,13 +205,13 @@ class Admin(commands.Cog):
         await self.edit_list(interaction, "words", word, add=False)
 
     async def edit_list(
-        self, interaction: discord.Interaction, name: str, value: int | str, *, add: bool
+        self, interaction: discord.Interaction, name: ListName, value: int | str, *, add: bool
     ) -> None:
         assert interaction.guild is not None
         store = self.bot.store
         changed = await (store.add_to_list if add else store.remove_from_list)(
             interaction.guild.id, name, value
-        )  # type: ignore[arg-type]
+        )
         note = "Updated." if changed else ("It was already there." if add else "It wasn't on the list.")
         await self.show_limits(interaction, note)
 

@@ -441,10 +441,10 @@ class GalleryActions(commands.Cog):
         for attempt in [reference, None] if reference else [None]:
             file.reset()
             try:
-                return await channel.send(
+                return await channel.send(  # type: ignore[union-attr]  # a button's message has a channel
                     view=view,
                     file=file,
-                    reference=attempt,  # type: ignore[union-attr,call-overload]
+                    reference=attempt,  # type: ignore[call-overload]
                     allowed_mentions=mentions,
                 )
             except discord.Forbidden as error:
@@ -464,9 +464,9 @@ class GalleryActions(commands.Cog):
             await reply_privately(interaction, "That image is no longer there.")
             return
         understanding = self.bot.get_cog("Understanding")
-        await understanding.answer_interaction(
+        await understanding.answer_interaction(  # type: ignore[union-attr]  # the cog is always loaded
             interaction, [attachments[index]], "Describe this image in detail."
-        )  # type: ignore[union-attr]
+        )
 
     async def delete(self, interaction: discord.Interaction, gallery_id: int) -> None:
         """Delete every message of the gallery, for whoever asked for it or a moderator."""

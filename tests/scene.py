@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import discord
 import simcord
 from PIL import Image
 from simcord.components import walk_components
+
+from bot.client import JanusBot
 
 TEXT_DISPLAY = 10
 
@@ -23,11 +25,18 @@ class Scene:
     bob: Any
 
     @property
+    def bot(self) -> JanusBot:
+        """The bot under test, as its own class (SimCord types it as a plain discord.Client)."""
+        return cast(JanusBot, self.env.bot)
+
+    @property
     def mention(self) -> str:
+        assert self.env.bot.user is not None  # logged in
         return self.env.bot.user.mention
 
     def bot_messages(self, channel: Any = None) -> list[discord.Message]:
         """The bot's public messages in `channel` (default: the scene's), oldest first."""
+        assert self.env.bot.user is not None
         me = self.env.bot.user.id
         return [m for m in (channel or self.channel).history() if m.author.id == me]
 

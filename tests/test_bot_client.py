@@ -5,6 +5,8 @@ synced
 from __future__ import annotations
 
 import discord
+import discord.gateway
+import discord.http
 import simcord
 from discord.ext import commands
 from scene import open_scene

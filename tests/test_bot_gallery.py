@@ -74,8 +74,11 @@ def gallery_id(message) -> int:
 
 async def tokens_of(scene: Scene, message) -> list[tuple[int, ...]]:
     gallery = gallery_id(message)
-    count = (await scene.env.bot.store.gallery(gallery)).count
-    return [await scene.env.bot.store.image_tokens(gallery, i) for i in range(count)]
+    stored = await scene.bot.store.gallery(gallery)
+    assert stored is not None
+    tokens = [await scene.bot.store.image_tokens(gallery, i) for i in range(stored.count)]
+    assert all(row is not None for row in tokens)
+    return [row for row in tokens if row is not None]
 
 
 def difference(a: Image.Image, b: Image.Image) -> float:
@@ -366,7 +369,7 @@ async def test_describe_with_the_real_tiny_model_writes_prompts_or_says_it_could
 async def test_every_action_admits_and_charges_whoever_presses(scene, studio):
     scene.env.bot.studio = PromptWriter(studio)
     gallery = await draw(scene)
-    await scene.env.bot.store.set_limits(scene.guild.id, generations_per_user=3, questions_per_user=1)
+    await scene.bot.store.set_limits(scene.guild.id, generations_per_user=3, questions_per_user=1)
 
     assert not (await scene.bob.click(gallery, label="U1")).response.content.startswith("You've used")
     assert not (await scene.bob.click(gallery, label="V1")).ephemeral

@@ -49,7 +49,7 @@ def hold_gpu(scene: Scene, *until_shown: str, then=None) -> None:
         return job
 
     for text in until_shown:
-        scene.env.bot.executor.submit(hold(text), kind="hold")
+        scene.bot.executor.submit(hold(text), kind="hold")
 
 
 class PixelEchoModel:
@@ -144,7 +144,9 @@ async def first_preview(scene: Scene) -> Image.Image:
             payload.get("attachments", []) if kind == "GATEWAY" and event == "MESSAGE_UPDATE" else []
         ):
             if attachment["filename"] == "preview.png":
-                return Image.open(io.BytesIO(scene.env.backend.cdn.get(attachment["url"]))).convert("RGB")
+                stored = scene.env.backend.cdn.get(attachment["url"])
+                assert stored is not None
+                return Image.open(io.BytesIO(stored)).convert("RGB")
     raise AssertionError("no preview was shown")
 
 

@@ -90,6 +90,7 @@ class ScriptedModel:
         return [self.ask(request, report) for request, report in zip(requests, reports, strict=True)]
 
     def ask(self, request: AskRequest, report=None) -> str:
+        assert report is not None  # the bot always follows a question's progress
         for step in range(1, self.steps + 1):
             part = self.answer[: len(self.answer) * step // (self.steps + 1)]
             report(Progress(step, self.steps + 1, part))
