@@ -38,7 +38,13 @@ async def measure(size: str, requests: int, count: int) -> None:
             JanusEngine(model, processor, preview_seconds=3.0),
             Upscaler.load(build_tiny_esrgan(root / "x2.pth")),
         )
-        settings = Settings(_env_file=None, discord_token="bench", data_dir=root, generations_per_user=1000)
+        # `_env_file` is pydantic-settings' own init option, which pyright does not see in the signature.
+        settings = Settings(
+            _env_file=None,  # pyright: ignore[reportCallIssue]
+            discord_token="bench",
+            data_dir=root,
+            generations_per_user=1000,
+        )
         store = await UsageStore.connect(settings.database_path)
         executor = GpuExecutor(settings.queue_size, notify_interval=settings.status_update_seconds)
         bot = JanusBot(settings=settings, store=store, executor=executor, studio=studio, shard_count=1)
@@ -63,6 +69,7 @@ async def measure(size: str, requests: int, count: int) -> None:
                     channel, "imagine", prompt=f"a red fox #{index}", count=count, seed=index
                 )
                 totals.append(time.perf_counter() - started)
+                assert result.response is not None
                 assert len(result.response.attachments) == count
         await executor.close()
         await store.close()

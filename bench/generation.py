@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import DynamicCache
@@ -56,13 +57,17 @@ def demo_loop(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.
     """Image generation written like DeepSeek's demo: interleaved cond/uncond rows, a growing dynamic cache,
     softmax + multinomial each step, then one VQ decode."""
     model, tokenizer = engine.model, engine.tokenizer
-    ids = engine.processor(text=[engine.prompt_text(prompt)], generation_mode="image", return_tensors="pt")[
-        "input_ids"
-    ][0].to(engine.device)
+    # The processor's kwargs type omits the flat `return_tensors` it accepts and routes to each modality.
+    inputs = engine.processor(
+        text=[engine.prompt_text(prompt)],
+        generation_mode="image",
+        return_tensors="pt",  # pyright: ignore[reportCallIssue]
+    )
+    ids = inputs["input_ids"][0].to(engine.device)
     tokens = ids.repeat(2 * count, 1)
     tokens[1::2, 1:-1] = tokenizer.pad_token_id  # odd rows: unconditional
     embeds = model.get_input_embeddings()(tokens)
-    cache = DynamicCache(config=model.config.text_config)
+    cache = DynamicCache(config=engine.text_config)
     out = torch.zeros((count, engine.num_image_tokens), dtype=torch.long, device=engine.device)
     for step in range(engine.num_image_tokens):
         hidden = model.model.language_model(
@@ -80,16 +85,22 @@ def demo_loop(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.
 @torch.inference_mode()
 def hf_generate(engine: JanusEngine, prompt: str, count: int, guidance: float = 5.0) -> torch.Tensor:
     inputs = engine.processor(
-        text=[engine.prompt_text(prompt)], generation_mode="image", return_tensors="pt"
-    ).to(engine.device)
-    tokens = engine.model.generate(
-        **inputs,
+        text=[engine.prompt_text(prompt)],
         generation_mode="image",
-        do_sample=True,
-        top_k=0,
-        temperature=1.0,
-        guidance_scale=guidance,
-        num_return_sequences=count,
+        return_tensors="pt",  # pyright: ignore[reportCallIssue]  # flat kwarg, missing from the kwargs type
+    ).to(engine.device)
+    # Image mode returns the image tokens as a tensor (no return_dict_in_generate).
+    tokens = cast(
+        torch.Tensor,
+        engine.model.generate(
+            **inputs,
+            generation_mode="image",
+            do_sample=True,
+            top_k=0,
+            temperature=1.0,
+            guidance_scale=guidance,
+            num_return_sequences=count,
+        ),
     )
     engine.model.decode_image_tokens(tokens)
     return tokens

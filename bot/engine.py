@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from PIL import Image
@@ -18,6 +19,10 @@ from transformers import (
     DynamicCache,
     GenerationMixin,
     JanusForConditionalGeneration,
+    JanusProcessor,
+    JanusVisionConfig,
+    JanusVQVAEConfig,
+    PreTrainedConfig,
     StaticCache,
 )
 from transformers.feature_extraction_utils import BatchFeature
@@ -46,7 +51,7 @@ def mark_special_tokens(text: str, special: re.Pattern[str]) -> str:
 
 
 def encode_prompts(
-    processor: AutoProcessor,
+    processor: JanusProcessor,
     prompts: Sequence[str],
     images: Sequence[Image.Image],
     *,
@@ -189,7 +194,7 @@ class JanusEngine:
     def __init__(
         self,
         model: JanusForConditionalGeneration,
-        processor: AutoProcessor,
+        processor: JanusProcessor,
         *,
         preview_seconds: float | None = None,
         static_cache: bool = False,
@@ -214,10 +219,12 @@ class JanusEngine:
         self.special_tokens = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
         self.device, self.dtype = model.device, model.dtype
         self.preview_seconds = preview_seconds  # None: no previews; 0: after every finished row
-        vision = model.config.vision_config
+        vision = cast(JanusVisionConfig, model.config.vision_config)  # sub-configs are built by now
+        self.vq_config = cast(JanusVQVAEConfig, model.config.vq_config)
+        self.text_config = cast(PreTrainedConfig, model.config.text_config)
         self.num_image_tokens: int = vision.num_image_tokens
         self.grid = int(round(self.num_image_tokens**0.5))  # tokens per side
-        self.image_size = self.grid * 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+        self.image_size = self.grid * 2 ** (len(self.vq_config.channel_multiplier) - 1)
         gc = model.generation_config
         self.bos_id, self.pad_id = gc.bos_token_id, gc.pad_token_id
         self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
@@ -238,7 +245,8 @@ class JanusEngine:
         torch_dtype = resolve_dtype(dtype, target)
         processor = AutoProcessor.from_pretrained(model_name)
         model = JanusForConditionalGeneration.from_pretrained(model_name, dtype=torch_dtype)
-        model.to(target).eval()
+        # `PreTrainedModel.to` is wrapped with functools.wraps, so pyright does not bind `self` to it.
+        model.to(target).eval()  # pyright: ignore[reportArgumentType]
         engine = cls(model, processor, preview_seconds=preview_seconds, compile=compile)
         params = sum(p.numel() for p in model.parameters())
         log.info(
@@ -283,7 +291,9 @@ class JanusEngine:
         streamer = _TextReporter(self._decode_answer, reports, longest, 0.25, eos) if reports else None
         # Janus's own generate() drops `logits_processor` in text mode; its text mode is exactly the
         # generic GenerationMixin.generate without guidance, so call that directly.
-        output = GenerationMixin.generate(
+        # (transformers annotates the mixin's `self` with a protocol that GenerationMixin itself does not
+        # satisfy, so pyright cannot look the method up on the class.)
+        output = GenerationMixin.generate(  # pyright: ignore[reportAttributeAccessIssue]
             self.model,
             **inputs,
             max_new_tokens=longest,
@@ -364,7 +374,7 @@ class JanusEngine:
 
     def _checked_keep(self, keep: tuple[int, ...]) -> list[int]:
         """Kept tokens must be image tokens of this model, at most one image's worth."""
-        vocabulary = self.model.config.vq_config.num_embeddings
+        vocabulary = self.vq_config.num_embeddings
         if len(keep) > self.num_image_tokens or any(not 0 <= token < vocabulary for token in keep):
             raise ValueError(
                 f"keep: expected at most {self.num_image_tokens} image tokens in [0, {vocabulary})"
@@ -373,8 +383,8 @@ class JanusEngine:
 
     def _new_cache(self, max_length: int) -> DynamicCache | StaticCache:
         if self.static_cache:
-            return StaticCache(config=self.model.config.text_config, max_cache_len=max_length)
-        return DynamicCache(config=self.model.config.text_config)
+            return StaticCache(config=self.text_config, max_cache_len=max_length)
+        return DynamicCache(config=self.text_config)
 
     def _forward(
         self,

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import discord
 import pytest
@@ -27,6 +27,17 @@ from bot.jobs import Charge
 LIMIT = 10.0  # seconds any test-side wait may take before the test fails
 SERVER_ONLY = "I only work in servers, not in direct messages."
 MANAGERS_ONLY = "Only members with the Manage Server permission can change limits."
+# The keys `GuildHandle.create_text_channel(overwrites=...)` takes.
+Overwrites: TypeAlias = dict[
+    simcord.RoleHandle
+    | simcord.MemberActor
+    | simcord.UserHandle
+    | discord.Role
+    | discord.Member
+    | discord.User
+    | discord.ClientUser,
+    discord.PermissionOverwrite,
+]
 
 
 @pytest.fixture
@@ -43,6 +54,18 @@ def with_settings(**overrides: Any) -> pytest.MarkDecorator:
 @pytest.fixture
 async def simcord_bot(make_bot, bot_settings: dict[str, Any]) -> JanusBot:
     return await make_bot(**{"max_answer_tokens": 8, **bot_settings})
+
+
+def janus(env: simcord.Env) -> JanusBot:
+    """The bot under test, as the `JanusBot` it is."""
+    assert isinstance(env.bot, JanusBot)
+    return env.bot
+
+
+def bot_user(env: simcord.Env) -> discord.ClientUser:
+    """The bot's own user (set once it has logged in)."""
+    assert env.bot.user is not None
+    return env.bot.user
 
 
 @dataclasses.dataclass
@@ -65,9 +88,9 @@ class Server:
     ) -> discord.Message:
         """`member` mentions the bot with a question; returns the bot's reply to it."""
         channel = channel or self.general
-        asked = await member.send(channel, f"{self.env.bot.user.mention} {question}")
+        asked = await member.send(channel, f"{bot_user(self.env).mention} {question}")
         replies = [m for m in channel.history() if m.reference and m.reference.message_id == asked.id]
-        assert len(replies) == 1 and replies[0].author.id == self.env.bot.user.id
+        assert len(replies) == 1 and replies[0].author.id == bot_user(self.env).id
         return replies[0]
 
 
@@ -96,6 +119,7 @@ def drew(result: simcord.InteractionResult) -> bool:
 def private(result: simcord.InteractionResult) -> str:
     """The text of an answer only the member sees."""
     assert result.ephemeral, result.response and result.response.content
+    assert result.response is not None
     return result.response.content
 
 
@@ -147,7 +171,7 @@ async def test_a_plain_member_cannot_change_limits(simcord_env: simcord.Env) -> 
         await server.alice.slash(server.general, "limits set", generations_per_user=1000)
 
     # A server admin grants the command to everyone; the bot still checks who may change limits.
-    commands = await simcord_env.bot.tree.fetch_commands()
+    commands = await janus(simcord_env).tree.fetch_commands()
     limits = next(command for command in commands if command.name == "limits")
     server.guild.set_command_permissions(limits, {server.guild.default_role: True})
     for command, options in (
@@ -280,10 +304,11 @@ async def test_simultaneous_requests_at_quota_minus_one_admit_one(simcord_env: s
     for _ in range(2):
         assert drew(await imagine(server.alice, server.general))
 
-    bot: JanusBot = simcord_env.bot
+    bot = janus(simcord_env)
     guild = bot.get_guild(server.guild.id)
     assert guild is not None
     channel, member = guild.get_channel(server.general.id), await guild.fetch_member(server.alice.id)
+    assert isinstance(channel, discord.TextChannel)
     admit = bot.quota.admit
     outcomes = await asyncio.gather(
         *(admit("imagine", guild=guild, channel=channel, user=member, text="a cat") for _ in range(8)),
@@ -299,10 +324,11 @@ async def test_simultaneous_requests_at_quota_minus_one_admit_one(simcord_env: s
 async def test_simultaneous_requests_cannot_overfill_a_members_queue(simcord_env: simcord.Env) -> None:
     server = open_server(simcord_env)
     await server.limits("set", max_queued_per_user=1)
-    bot: JanusBot = simcord_env.bot
+    bot = janus(simcord_env)
     guild = bot.get_guild(server.guild.id)
     assert guild is not None
     channel, member = guild.get_channel(server.general.id), await guild.fetch_member(server.alice.id)
+    assert isinstance(channel, discord.TextChannel)
 
     async def request() -> Charge:
         """What /imagine does: admit, then queue the job, which from then on counts instead of the
@@ -341,7 +367,7 @@ async def test_the_day_rolls_over_at_midnight_utc(simcord_env: simcord.Env) -> N
 @with_settings(queue_size=1)
 async def test_requests_refused_by_a_full_queue_are_not_charged(simcord_env: simcord.Env) -> None:
     server = open_server(simcord_env)
-    async with gpu_held(simcord_env.bot.executor, waiting=1):
+    async with gpu_held(janus(simcord_env).executor, waiting=1):
         refused = await imagine(server.alice, server.general)
         assert private(refused).endswith("already waiting. Please try again in a minute.")
         reply = await server.ask(server.alice, "what is a lighthouse?")
@@ -368,7 +394,7 @@ async def test_a_failed_generation_is_refunded(
     simcord_env: simcord.Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = open_server(simcord_env)
-    bot: JanusBot = simcord_env.bot
+    bot = janus(simcord_env)
     studio = bot.studio
     await server.limits("set", generations_per_user=1, cooldown_seconds=600)
 
@@ -393,7 +419,7 @@ async def test_a_failed_generation_is_refunded(
 async def test_max_queued_per_user(simcord_env: simcord.Env) -> None:
     server = open_server(simcord_env)
     await server.limits("set", max_queued_per_user=1)
-    async with gpu_held(simcord_env.bot.executor, waiting=1, owner=server.alice.id):  # her earlier request
+    async with gpu_held(janus(simcord_env).executor, waiting=1, owner=server.alice.id):  # her earlier request
         refused = await imagine(server.alice, server.general)
         assert private(refused) == "You already have 1 request waiting; please wait for it to finish."
     assert "Generations: 0/20 used" in await usage(server.alice, server.general)
@@ -475,28 +501,31 @@ async def test_the_moderation_log_gets_every_generation_and_question(simcord_env
         discord.PermissionOverwrite(view_channel=False),
         discord.PermissionOverwrite(view_channel=True),
     )
-    moderators_only = {server.guild.default_role: hidden, server.managers: shown}
+    moderators_only: Overwrites = {server.guild.default_role: hidden, server.managers: shown}
     closed = server.guild.create_text_channel("mod-only", overwrites=moderators_only)
     assert await server.limits("log", channel=closed) == (
         f"I can't post in {closed.mention}: please give me View Channel, Send Messages, Attach Files there, "
         "then run this again."
     )
-    with_the_bot = {**moderators_only, simcord_env.bot.user: shown}
+    with_the_bot = {**moderators_only, bot_user(simcord_env): shown}
     mod_log = server.guild.create_text_channel("mod-log", overwrites=with_the_bot)
     assert f"Moderation log: {mod_log.mention}" in await server.limits("log", channel=mod_log)
 
     drawn = await imagine(server.alice, server.general, "a red fox")
     assert drew(drawn)
     entry = mod_log.last_message
+    assert entry is not None
     assert entry.content.startswith(
         f"**/imagine** by {server.alice.mention} (`{server.alice.id}`) in "
         f"{server.general.mention}\n> a red fox\n"
     )
+    assert drawn.response is not None
     assert entry.content.endswith(f"Result: {drawn.response.message.jump_url}")
     assert len(entry.attachments) == 1
 
     answer = await server.ask(server.alice, "what does a fox eat?")
     entry = mod_log.last_message
+    assert entry is not None
     assert entry.content.startswith(
         f"**question** by {server.alice.mention} (`{server.alice.id}`) in "
         f"{server.general.mention}\n> what does a fox eat?\nAnswer: "
@@ -519,7 +548,8 @@ async def test_dms_work_when_allowed_under_the_default_limits(simcord_env: simco
     dan = simcord_env.create_user("dan")
     await dan.send_dm("what is a lighthouse?")
     question, reply = dan.dm_channel.history()
-    assert reply.author.id == simcord_env.bot.user.id and reply.reference.message_id == question.id
+    assert reply.reference is not None
+    assert reply.author.id == bot_user(simcord_env).id and reply.reference.message_id == question.id
 
     first = await dan.slash("imagine", prompt="a lighthouse", count=1)
     assert not first.ephemeral and len(first.response.attachments) == 1

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tiny_models import IMAGE_SIZE, NUM_IMAGE_TOKENS
-from transformers import GenerationMixin
+from transformers import GenerationMixin, JanusVisionConfig, JanusVQVAEConfig
 
 from bot.engine import AskRequest, Drawing, ImageBatch, ImagineRequest, JanusEngine, Turn
 from bot.jobs import Progress
@@ -62,7 +62,9 @@ def spy_generate(monkeypatch: pytest.MonkeyPatch, engine: JanusEngine) -> list[d
     """Record what text generation (transformers' GenerationMixin.generate) is given and returns, still
     running it."""
     calls: list[dict[str, Any]] = []
-    original = GenerationMixin.generate
+    # transformers annotates the mixin's `self` with a protocol that GenerationMixin itself does not satisfy,
+    # so pyright cannot look the method up on the class.
+    original = GenerationMixin.generate  # pyright: ignore[reportAttributeAccessIssue]
 
     def generate(model: Any, **kwargs: Any) -> torch.Tensor:
         output = original(model, **kwargs)
@@ -80,9 +82,10 @@ def spy_generate(monkeypatch: pytest.MonkeyPatch, engine: JanusEngine) -> list[d
 def test_image_size_and_token_count_come_from_the_model_config(engine: JanusEngine) -> None:
     """The tiny config has 16 image tokens (4 x 4) and a 5-level VQ decoder: 4 * 2**4 = 64 px images."""
     config = engine.model.config
-    assert engine.num_image_tokens == config.vision_config.num_image_tokens == NUM_IMAGE_TOKENS == 16
-    side_tokens = int(config.vision_config.num_image_tokens**0.5)
-    expected = side_tokens * 2 ** (len(config.vq_config.channel_multiplier) - 1)
+    vision, vq = cast(JanusVisionConfig, config.vision_config), cast(JanusVQVAEConfig, config.vq_config)
+    assert engine.num_image_tokens == vision.num_image_tokens == NUM_IMAGE_TOKENS == 16
+    side_tokens = int(vision.num_image_tokens**0.5)
+    expected = side_tokens * 2 ** (len(vq.channel_multiplier) - 1)
     assert engine.image_size == expected == IMAGE_SIZE == 64
     images = engine.imagine(ImagineRequest("a red fox in the snow", count=3, seed=1))
     assert [(d.image.mode, d.image.size) for d in images] == [("RGB", (64, 64))] * 3
@@ -93,11 +96,13 @@ def test_upscaled_images_are_twice_or_four_times_the_model_size(studio: Studio, 
     """With the x2 upscaler a 64 px image becomes 128 px; with the x4 file, 256 px."""
     request = ImagineRequest("a red fox in the snow", count=2, seed=3)
     [gallery] = studio.imagine_batch([request], [lambda progress: None])
+    assert not isinstance(gallery, BaseException)
     assert studio.output_size == 128
     assert [d.image.size for d in gallery] == [(128, 128)] * 2
 
     x4 = Studio(studio.engine, Upscaler.load(tiny_dir / "RealESRGAN_x4.pth"))
     [gallery4] = x4.imagine_batch([request], [lambda progress: None])
+    assert not isinstance(gallery4, BaseException)
     assert x4.output_size == 256
     assert [d.image.size for d in gallery4] == [(256, 256)] * 2
 
@@ -126,8 +131,13 @@ def test_greedy_generation_matches_transformers_generate_token_for_token(
     """Our CFG loop at temperature 0 gives exactly the tokens of HF generate(generation_mode="image")
     in greedy mode with guidance 5, and imagine() decodes exactly those tokens."""
     engine = any_engine
-    inputs = engine.processor(text=[engine.prompt_text(prompt)], generation_mode="image", return_tensors="pt")
+    inputs = engine.processor(
+        text=[engine.prompt_text(prompt)],
+        generation_mode="image",
+        return_tensors="pt",  # pyright: ignore[reportCallIssue]  # flat kwarg, missing from the kwargs type
+    )
     expected = engine.model.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=5.0)
+    assert isinstance(expected, torch.Tensor)  # image mode returns the tokens themselves
     request = ImagineRequest(prompt, count=1, guidance=5.0, temperature=0)
     ours = tokens_of(engine, request)
     assert ours.shape == expected.shape == (1, NUM_IMAGE_TOKENS)
@@ -194,7 +204,7 @@ def test_kept_tokens_start_every_image_and_the_rest_is_drawn_anew(any_engine: Ja
 
 
 def test_kept_tokens_outside_the_image_vocabulary_are_refused(engine: JanusEngine) -> None:
-    vocabulary = engine.model.config.vq_config.num_embeddings
+    vocabulary = cast(JanusVQVAEConfig, engine.model.config.vq_config).num_embeddings
     with pytest.raises(ValueError, match="keep"):
         engine.imagine(ImagineRequest("a fox", count=1, keep=(vocabulary,)))
 

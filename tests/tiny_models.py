@@ -24,9 +24,9 @@ image; VQ decoder with 5 resolution levels, so generated images are 4 * 2**4 = 6
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -251,7 +251,7 @@ MID = JanusShape(
     vq_latent_channels=64,
 )
 # deepseek-ai/Janus-Pro-1B and -7B (SigLIP-L vision at 384 px, 576 image tokens, 16384 image codes).
-_REAL = dict(
+_REAL = JanusShape(
     text_vocab=102400,
     vision_hidden=1024,
     vision_layers=24,
@@ -263,8 +263,8 @@ _REAL = dict(
     vq_latent_channels=256,
     vq_res_blocks=2,
 )
-JANUS_PRO_1B = JanusShape(text_hidden=2048, text_intermediate=5632, text_layers=24, text_heads=16, **_REAL)
-JANUS_PRO_7B = JanusShape(text_hidden=4096, text_intermediate=11008, text_layers=30, text_heads=32, **_REAL)
+JANUS_PRO_1B = replace(_REAL, text_hidden=2048, text_intermediate=5632, text_layers=24, text_heads=16)
+JANUS_PRO_7B = replace(_REAL, text_hidden=4096, text_intermediate=11008, text_layers=30, text_heads=32)
 
 
 def build_tiny_janus(directory: Path, seed: int = SEED) -> Path:
@@ -299,9 +299,12 @@ def build_random_janus(
     )
 
     tokenizer = build_tiny_tokenizer()
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
+    # The tokenizer has all these tokens, so each id is a single int.
+    bos = cast(int, tokenizer.bos_token_id)
+    eos = cast(int, tokenizer.eos_token_id)
+    pad = cast(int, tokenizer.pad_token_id)
+    image_token_id = cast(int, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    boi = cast(int, tokenizer.convert_tokens_to_ids(BOI_TOKEN))
 
     image_processor = JanusImageProcessor(
         size={"height": shape.image_size, "width": shape.image_size},  # longest side, then padded to a square
@@ -360,13 +363,18 @@ def build_random_janus(
 
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(config).to(dtype)
+        model = JanusForConditionalGeneration(config)
+        # In place (returns the model itself). transformers declares `to` as `@wraps(nn.Module.to)`,
+        # which pyright reads as the unbound function, so it takes `dtype` for `self`.
+        model.to(dtype)  # pyright: ignore[reportArgumentType]
     model.eval()
 
     gc = model.generation_config
     gc._from_model_config = False  # otherwise generation_kwargs is dropped when loaded back
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = bos, eos, pad
-    gc.generation_kwargs = {"boi_token_id": boi}  # generate(generation_mode="image") reads it from here
+    # generate(generation_mode="image") reads it from here. GenerationConfig keeps unknown kwargs as
+    # attributes, so this one is not declared on the class.
+    gc.generation_kwargs = {"boi_token_id": boi}  # pyright: ignore[reportAttributeAccessIssue]
     gc.guidance_scale = 5.0
     gc.temperature = 1.0
     return model, processor
@@ -392,6 +400,7 @@ class _ResidualDenseBlock(nn.Module):
             nn.init.kaiming_normal_(conv.weight)
             with torch.no_grad():
                 conv.weight.mul_(0.1)  # basicsr default_init_weights(scale=0.1)
+            assert conv.bias is not None
             nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,6 +473,7 @@ def _add_identity_path(net: TinyRRDBNet, noise: float = 0.1) -> None:
         outer = (net.conv_first, net.conv_body, net.conv_up1, net.conv_up2, net.conv_hr, net.conv_last)
         for conv in outer:
             conv.weight.mul_(noise)
+            assert conv.bias is not None
             conv.bias.zero_()
         for c in range(3):
             if net.scale == 2:  # pixel_unshuffle puts colour c's 2 x 2 sub-pixels at channels 4c .. 4c+3
