@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tes
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
+from settings_for_tests import settings_for_tests  # noqa: E402
 from tiny_models import build_tiny_esrgan, build_tiny_janus  # noqa: E402
 
 from bot.settings import Settings  # noqa: E402
@@ -52,8 +53,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tiny_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(
-        _env_file=None,
+    return settings_for_tests(
         discord_token="test-token",
         janus_model=str(tiny_dir / "janus"),
         janus_device="cpu",
@@ -69,8 +69,7 @@ def studio(tiny_dir: Path):
     from bot.studio import Studio
 
     return Studio.load(
-        Settings(
-            _env_file=None,
+        settings_for_tests(
             janus_model=str(tiny_dir / "janus"),
             janus_device="cpu",
             upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth"),
@@ -87,7 +86,10 @@ def png_bytes():
     from PIL import Image
 
     def make(
-        size: tuple[int, int] = (80, 50), mode: str = "RGB", color: object = (200, 30, 30), fmt: str = "PNG"
+        size: tuple[int, int] = (80, 50),
+        mode: str = "RGB",
+        color: float | tuple[float, ...] | str | None = (200, 30, 30),
+        fmt: str = "PNG",
     ) -> bytes:
         buffer = io.BytesIO()
         Image.new(mode, size, color).save(buffer, format=fmt)
@@ -100,6 +102,7 @@ def png_bytes():
 async def make_bot(settings: Settings, studio, monkeypatch: pytest.MonkeyPatch):
     """Build JanusBots on one data dir, as a restart would: each has its own executor and store connection."""
     import discord
+    import discord.http
 
     from bot.client import JanusBot
     from bot.executor import GpuExecutor

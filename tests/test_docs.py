@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from settings_for_tests import settings_for_tests
+
 from bot.settings import Settings
 
 ROOT = Path(__file__).parent.parent
@@ -26,8 +28,8 @@ def test_env_example_lists_every_setting_with_a_reason() -> None:
 
 def test_env_example_defaults_are_the_real_defaults(tmp_path: Path) -> None:
     """Loading .env.example as it is gives the same settings as no file at all (token aside)."""
-    example = Settings(_env_file=ROOT / ".env.example")
-    plain = Settings(_env_file=None)
+    example = settings_for_tests(ROOT / ".env.example")
+    plain = settings_for_tests()
     assert example.model_dump(exclude={"discord_token"}) == plain.model_dump(exclude={"discord_token"})
 
 

@@ -33,19 +33,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
+import discord.http
 import pytest
 import simcord
 import torch
 from PIL import Image
 from pydantic import SecretStr
 from scene import Scene, open_scene, text_of
+from settings_for_tests import settings_for_tests
 
 from bot.client import SORRY, JanusBot
 from bot.errors import JobCancelled
 from bot.executor import GpuExecutor
 from bot.jobs import Progress
 from bot.logs import configure_logging
-from bot.settings import Settings
 from bot.store import UsageStore
 from bot.studio import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, Studio
 from cogs.understanding import DESCRIBE
@@ -206,7 +207,7 @@ async def usage(scene: Scene, member: Any) -> str:
 async def test_attachments_are_judged_by_declared_type_and_size_before_any_download(
     scene, studio, make_bot, monkeypatch
 ):
-    assert Settings(_env_file=None).max_attachment_mb == 10  # the default cap
+    assert settings_for_tests().max_attachment_mb == 10  # the default cap
     await scene.env.restart_bot(await make_bot(max_answer_tokens=TOKENS, max_attachment_mb=0.001))  # 1,048 B
     scene.env.bot.studio = witness = Witness(studio)
     downloads: list[str] = []
@@ -458,7 +459,7 @@ class Hang:
     sampling loop does) until the executor stops it. Once `ready()`, it calls `move_clock()` (once), as time
     passing would. Runs on the GPU thread (so: no assert)."""
 
-    def __init__(self, real: Any, ready: Callable[[], bool], move_clock: Callable[[], None]) -> None:
+    def __init__(self, real: Any, ready: Callable[[], bool], move_clock: Callable[[], object]) -> None:
         self.real, self.ready, self.move_clock = real, ready, move_clock
         self.stopped_by: BaseException | None = None
 
@@ -720,7 +721,7 @@ def test_text_logs_redact_the_token(capsys):
         :
     ] = []  # configure_logging replaces (and closes) the root handlers: keep pytest's out of it
     try:
-        configure_logging(Settings(_env_file=None, discord_token=TOKEN, log_format="text"))
+        configure_logging(settings_for_tests(discord_token=TOKEN, log_format="text"))
         log = logging.getLogger("bot.test")
         log.warning("logging in with %s", TOKEN)
         log.warning(f"Authorization: Bot {TOKEN}")

@@ -14,12 +14,12 @@ import pytest
 import simcord
 from PIL import Image, ImageDraw
 from scene import Scene, open_scene, text_of
+from settings_for_tests import settings_for_tests
 from test_hardening import LIMIT, TOKENS, Witness, encoded, taken_in, told_privately, usage
 
 from bot.client import SORRY, JanusBot
 from bot.logs import configure_logging
 from bot.media import MESSAGE_LIMIT
-from bot.settings import Settings
 
 
 @pytest.fixture
@@ -275,6 +275,7 @@ async def test_a_token_about_to_expire_is_dropped_for_the_channel(scene, studio,
 
 def synced(env: simcord.Env) -> dict[str, dict]:
     *_, body = [e.json for e in env.http_requests if e.method == "PUT" and e.path.endswith("/commands")]
+    assert body is not None
     return {command["name"]: command for command in body}  # the latest start's
 
 
@@ -549,7 +550,7 @@ def test_interaction_tokens_in_urls_are_redacted_at_every_level(capsys, log_form
     webhook = f"https://discord.com/api/v10/webhooks/1234/{INTERACTION_TOKEN}/messages/@original"
     callback = f"https://discord.com/api/v10/interactions/5678/{INTERACTION_TOKEN}/callback"
     try:
-        configure_logging(Settings(_env_file=None, log_level="DEBUG", log_format=log_format))  # no bot token
+        configure_logging(settings_for_tests(log_level="DEBUG", log_format=log_format))  # no bot token
         log = logging.getLogger("discord.http")
         log.debug("PATCH %s with %s has returned %s", webhook, None, 401)  # as discord.py logs each request
         log.info("POST %s has returned 204", callback)

@@ -57,7 +57,9 @@ def test_exif_orientation_is_applied(fmt: str) -> None:
     exif[0x0112] = 6  # Orientation: the camera was turned; view rotated 90° clockwise
     image = decode_image(encoded(wide, fmt, exif=exif.tobytes()))
     assert image.size == (20, 40)
-    red, _green, blue = image.getpixel((10, 5))  # rotated clockwise: the left half is now on top
+    pixel = image.getpixel((10, 5))  # rotated clockwise: the left half is now on top
+    assert isinstance(pixel, tuple)
+    red, _green, blue = pixel
     assert red > 200 and blue < 60
 
 
@@ -70,7 +72,9 @@ def test_animations_give_their_first_frame() -> None:
     frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
     for fmt in ("GIF", "WEBP"):
         data = encoded(frames[0], fmt, save_all=True, append_images=frames[1:])
-        red, _green, blue = decode_image(data).getpixel((4, 4))
+        pixel = decode_image(data).getpixel((4, 4))
+        assert isinstance(pixel, tuple), fmt
+        red, _green, blue = pixel
         assert red > 200 and blue < 60, fmt
 
 

@@ -19,11 +19,13 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import discord
+import discord.http
 import pytest
 import redis.asyncio as aioredis
 from PIL import Image
 from scaleout_procs import color
 from scene import decode, open_scene, text_displays, text_of
+from settings_for_tests import settings_for_tests
 
 from bot.client import JanusBot
 from bot.errors import BadPrompt, JobCancelled, JobFailed, QueueFull
@@ -104,8 +106,7 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
-    return Settings(
-        _env_file=None,
+    return settings_for_tests(
         discord_token="test-token",
         executor="redis",
         redis_url=redis_url,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from settings_for_tests import settings_for_tests
 
 from bot.settings import Settings, SettingsError, describe_validation_error, load_settings
 
@@ -109,7 +110,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyP
 def test_describe_validation_error_never_shows_a_token_value() -> None:
     """Even when the token itself is what failed validation, its value stays out of the message."""
     with pytest.raises(ValidationError) as error:
-        Settings(_env_file=None, discord_token=[TOKEN], janus_device="tpu")  # type: ignore[arg-type]
+        settings_for_tests(discord_token=[TOKEN], janus_device="tpu")  # a list is no token
     message = describe_validation_error(error.value)
     assert "DISCORD_TOKEN" in message and "JANUS_DEVICE" in message and "'tpu'" in message
     assert TOKEN not in message and "secret-token" not in message
@@ -123,7 +124,7 @@ def test_a_bad_api_base_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_tests_can_override_without_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """`Settings(_env_file=None, ...)` ignores .env, as the test fixtures rely on."""
+    """`settings_for_tests(...)`, i.e. `Settings(_env_file=None, ...)`, ignores .env, as fixtures rely on."""
     (tmp_path / ".env").write_text("QUEUE_SIZE=5\n")
-    assert Settings(_env_file=None).queue_size == 16
-    assert Settings(_env_file=None, queue_size=2).queue_size == 2
+    assert settings_for_tests().queue_size == 16
+    assert settings_for_tests(queue_size=2).queue_size == 2

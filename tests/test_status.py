@@ -12,9 +12,9 @@ import urllib.request
 import discord
 import pytest
 from scene import open_scene
+from settings_for_tests import settings_for_tests
 
 from bot.logs import JsonFormatter, RedactSecret, configure_logging
-from bot.settings import Settings
 
 
 async def test_admins_see_model_queue_timings_and_memory(simcord_env) -> None:
@@ -92,7 +92,7 @@ def test_json_logs_are_one_object_per_line_with_level_and_logger() -> None:
 
 def test_the_token_is_redacted_from_messages_and_tracebacks(capsys: pytest.CaptureFixture[str]) -> None:
     token = "MTIz.secret-token-value"
-    configure_logging(Settings(_env_file=None, discord_token=token, log_format="json"))
+    configure_logging(settings_for_tests(discord_token=token, log_format="json"))
     log = logging.getLogger("janus.test.redact")
     try:
         log.error("logging in with %s", token)

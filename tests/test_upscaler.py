@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from settings_for_tests import settings_for_tests
 from tiny_models import build_not_an_upscaler
 
 from bot.engine import ImagineRequest
 from bot.errors import JobFailed, StartupError
 from bot.requests import UpscaleRequest
-from bot.settings import Settings
 from bot.studio import Studio
 from bot.upscaler import Upscaler, UpscalerError
 
@@ -162,13 +162,14 @@ def test_enlarge_doubles_the_side_running_the_model_again_tiled(tiny_dir: Path, 
 
 
 def test_studio_upscales_one_drawing_from_its_tokens_to_twice_the_gallery_side(studio: Studio) -> None:
-    [drawing, _] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=3)], [lambda progress: None])[
-        0
-    ]
+    [gallery] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=3)], [lambda progress: None])
+    assert not isinstance(gallery, BaseException)
+    [drawing, _] = gallery
 
     big = studio.upscale(UpscaleRequest(drawing.tokens))
 
     assert big.size == (2 * studio.output_size, 2 * studio.output_size)
+    assert studio.upscaler is not None
     again = studio.upscaler.enlarge(drawing.image, 2)  # the gallery image, upscaled once more
     assert np.abs(np.asarray(big, dtype=int) - np.asarray(again, dtype=int)).mean() < 1
     with pytest.raises(JobFailed, match="another model"):
@@ -177,13 +178,14 @@ def test_studio_upscales_one_drawing_from_its_tokens_to_twice_the_gallery_side(s
 
 def test_studio_without_an_upscaler_draws_model_size_images(tiny_dir: Path) -> None:
     """UPSCALER_WEIGHTS=none turns upscaling off: no upscaler is loaded and images stay 64 px."""
-    settings = Settings(
-        _env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu", upscaler_weights="none"
+    settings = settings_for_tests(
+        janus_model=str(tiny_dir / "janus"), janus_device="cpu", upscaler_weights="none"
     )
     studio = Studio.load(settings)
     assert studio.upscaler is None
     assert studio.output_size == 64
     [gallery] = studio.imagine_batch([ImagineRequest("a cat", count=2, seed=1)], [lambda progress: None])
+    assert not isinstance(gallery, BaseException)
     assert [drawing.image.size for drawing in gallery] == [(64, 64)] * 2
 
 
@@ -193,7 +195,7 @@ def test_missing_default_weights_offline_say_which_file_to_put_where(
     """Offline and without weights/RealESRGAN_x2.pth, start-up fails with one line naming the file, where it
     goes and where it comes from (conftest sets HF_HUB_OFFLINE=1, so nothing is downloaded)."""
     monkeypatch.chdir(tmp_path)
-    settings = Settings(_env_file=None, janus_model=str(tiny_dir / "janus"), janus_device="cpu")
+    settings = settings_for_tests(janus_model=str(tiny_dir / "janus"), janus_device="cpu")
     assert settings.upscaler_weights == "weights/RealESRGAN_x2.pth"
     with pytest.raises(StartupError) as error:
         Studio.load(settings)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
+import discord.http
 import pytest
 import simcord
 from scene import Scene, open_scene, text_of
@@ -86,7 +87,7 @@ class Frozen:
     (as a CUDA call that hangs would). It moves SimCord's clock past the job timeout once `ready()`, then past
     the grace period once the job was cancelled, and lets go only when `release` is set (the test's end)."""
 
-    def __init__(self, real: Any, ready: Callable[[], bool], move_clock: Callable[[float], None]) -> None:
+    def __init__(self, real: Any, ready: Callable[[], bool], move_clock: Callable[[float], object]) -> None:
         self.real, self.ready, self.move_clock = real, ready, move_clock
         self.release = threading.Event()
 
