@@ -51,12 +51,12 @@ async def measure(size: str, requests: int, count: int) -> None:
         jobs = []
         submit = executor.submit_batched
 
-        def recording_submit(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        def recording_submit(*args: object, **kwargs: object):
             job = submit(*args, **kwargs)  # type: ignore[arg-type]
             jobs.append(job)
             return job
 
-        executor.submit_batched = recording_submit  # type: ignore[method-assign]
+        executor.submit_batched = recording_submit
         async with simcord.run(bot, settle_timeout=600) as env:
             guild = env.create_guild()
             channel = guild.create_text_channel("art")

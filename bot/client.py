@@ -78,7 +78,7 @@ class JanusBot(commands.AutoShardedBot):
         self.started_at = time.perf_counter()
         self.exit_code = 0
         executor.on_stuck = self._gpu_stuck
-        self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
+        self.tree.on_error = self.on_app_command_error
         if settings.discord_gateway_url:
             self._use_configured_gateway(settings.discord_gateway_url)
 
@@ -90,7 +90,7 @@ class JanusBot(commands.AutoShardedBot):
             shards, _url, limits = await ask_discord()
             return shards, url, limits
 
-        self.http.get_bot_gateway = get_bot_gateway  # type: ignore[method-assign]
+        self.http.get_bot_gateway = get_bot_gateway
 
     async def setup_hook(self) -> None:
         self.executor.start()

@@ -258,7 +258,7 @@ class UsageStore:
             overrides["nsfw_only"] = bool(overrides["nsfw_only"])
         return dataclasses.replace(
             defaults,
-            **overrides,  # type: ignore[arg-type]
+            **overrides,
             allowed_channels=defaults.allowed_channels | lists["channels"],
             exempt_roles=defaults.exempt_roles | lists["roles"],
             banned_words=defaults.banned_words | lists["words"],
