@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from bot.errors import QueueFull
-from bot.executor import GPU_STUCK, GpuExecutor
+from bot.errors import JobFailed, QueueFull
+from bot.executor import GPU_STUCK, GpuExecutor, Stepper
 from bot.jobs import Charge, Job, JobKind, Origin, Reporter
 from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 from bot.settings import Settings
@@ -87,12 +87,17 @@ class LocalBackend:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.accepting = True
+        # SCHEDULER=step: questions and galleries join one running loop of steps; batch: batches in turn.
+        self.stepper = _StudioStepper(studio, settings) if settings.scheduler == "step" else None
 
     def ask(
         self, request: AskRequest, *, owner: int, origin: Origin | None = None, charge: Charge | None = None
     ) -> Job[str]:
         self._check_accepting()
-        job = self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
+        if self.stepper is not None:
+            job = self.executor.submit_stepped(self.stepper, request, kind="ask", owner=owner)
+        else:
+            job = self.executor.submit_batched(self.ask_batch, request, kind="ask", owner=owner)
         job.origin, job.charge = origin, charge
         return job
 
@@ -105,9 +110,14 @@ class LocalBackend:
         charge: Charge | None = None,
     ) -> Job[list[Drawing]]:
         self._check_accepting()
-        job = self.executor.submit_batched(
-            self.imagine_batch, request, weight=request.count, kind="imagine", owner=owner
-        )
+        if self.stepper is not None:
+            job = self.executor.submit_stepped(
+                self.stepper, request, weight=request.count, kind="imagine", owner=owner
+            )
+        else:
+            job = self.executor.submit_batched(
+                self.imagine_batch, request, weight=request.count, kind="imagine", owner=owner
+            )
         job.origin, job.charge = origin, charge
         return job
 
@@ -182,3 +192,26 @@ class LocalBackend:
             jobs_done=self.executor.jobs_done,
             timings=self.executor.timings(),
         )
+
+
+class _StudioStepper:
+    """The loaded studio's step scheduler (bot/scheduler.py) as the executor's `Stepper`: looked up when a
+    job is admitted, so jobs may queue while the model is still loading."""
+
+    def __init__(self, studio: Callable[[], Any], settings: Settings) -> None:
+        self.studio, self.settings = studio, settings
+
+    def _scheduler(self) -> Stepper:
+        studio = self.studio()
+        if studio is None:
+            raise JobFailed("The model is not loaded; please ask again in a minute.")
+        return studio.scheduler(self.settings.max_batch_images, self.settings.answer_slots)
+
+    def admit(self, payload: Any, report: Reporter, finish: Callable[[Any], None]) -> bool:
+        return self._scheduler().admit(payload, report, finish)
+
+    def run(self) -> None:
+        self._scheduler().run()
+
+    def pending(self) -> bool:
+        return self._scheduler().pending()

@@ -161,30 +161,66 @@ class _TextReporter(BaseStreamer):
             report(Progress(len(tokens), self.total, self.decode(tokens)))
 
 
-class _RowSampler(LogitsProcessor):
-    """Samples every row with its own seed, temperature and top-p (inverse CDF over its own random numbers),
-    then hands generate() a one-hot choice to take greedily: questions answered together in one batch get the
-    answers they would get alone."""
+def answer_uniforms(request: AskRequest) -> torch.Tensor:
+    """The random numbers a question's answer is sampled with, one per token, from its own seed."""
+    return torch.rand((request.max_new_tokens,), generator=torch.Generator().manual_seed(request.seed))
 
-    def __init__(self, requests: Sequence[AskRequest]) -> None:
-        self.requests = requests
-        self.generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+
+def sample_text_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """One token per row, by inverse CDF over the row's nucleus (the smallest set of tokens reaching its
+    top_p), greedy where its temperature is 0. [R, V] logits, [R] parameters and uniforms -> [R] long."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    probs, order = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1).sort(
+        dim=-1, descending=True
+    )
+    kept = probs.cumsum(-1) - probs < top_p[:, None]
+    cdf = (probs * kept).cumsum(-1)  # [R, V]
+    index = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)  # [R, 1]
+    sampled = order.gather(-1, index).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def sample_image_rows(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: torch.Tensor,
+    temperature: torch.Tensor,
+    uniform: torch.Tensor,
+    kept: torch.Tensor,
+) -> torch.Tensor:
+    """Classifier-free guidance, then one token per image row by inverse CDF over the full distribution
+    (greedy where its temperature is 0); a kept token (>= 0) wins. [R, V] logits, [R] the rest -> [R] long."""
+    guided = uncond + guidance[:, None] * (cond - uncond)  # [R, V]
+    greedy = guided.argmax(dim=-1)
+    cdf = torch.softmax(guided / temperature.clamp(min=1e-5)[:, None], dim=-1).cumsum(dim=-1)
+    threshold = uniform[:, None] * cdf[:, -1:]  # [R, 1]
+    sampled = torch.searchsorted(cdf, threshold).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    drawn = torch.where(temperature > 0, sampled, greedy)
+    return torch.where(kept >= 0, kept, drawn)
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples every row with its own seed, temperature and top-p (`sample_text_rows`, all rows at once),
+    then hands generate() a one-hot choice to take greedily: questions answered together in one batch get the
+    answers they would get alone, and the answers the step scheduler gives."""
+
+    def __init__(self, requests: Sequence[AskRequest], prompt_length: int, device: torch.device) -> None:
+        self.prompt_length = prompt_length
+        longest = max(r.max_new_tokens for r in requests)
+        self.uniforms = torch.stack(
+            [torch.nn.functional.pad(answer_uniforms(r), (0, longest - r.max_new_tokens)) for r in requests]
+        ).to(device)  # [B, longest]
+        self.temperature = torch.tensor([r.temperature for r in requests], device=device)
+        self.top_p = torch.tensor([r.top_p for r in requests], device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = []
-        for row, (request, generator) in enumerate(zip(self.requests, self.generators, strict=True)):
-            logits = scores[row].float()  # [V]
-            uniform = torch.rand((), generator=generator).item()  # drawn every step, greedy or not
-            if request.temperature <= 0:
-                chosen.append(int(logits.argmax()))
-                continue
-            probs, order = torch.softmax(logits / request.temperature, dim=-1).sort(descending=True)
-            kept = probs.cumsum(-1) - probs < request.top_p  # nucleus: the smallest set reaching top_p
-            cdf = (probs * kept).cumsum(-1)
-            index = int(torch.searchsorted(cdf, uniform * cdf[-1:]).clamp(max=len(cdf) - 1))
-            chosen.append(int(order[index]))
+        step = input_ids.shape[1] - self.prompt_length
+        chosen = sample_text_rows(scores, self.temperature, self.top_p, self.uniforms[:, step])
         picked = torch.full_like(scores, float("-inf"))
-        picked[torch.arange(len(chosen)), torch.tensor(chosen)] = 0.0
+        picked.scatter_(1, chosen[:, None], 0.0)
         return picked
 
 
@@ -276,19 +312,37 @@ class JanusEngine:
         """The model's answer to a question about images (and earlier turns); only the new tokens."""
         return self.ask_batch([request], [report] if report else [])[0]
 
-    @torch.inference_mode()
-    def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter] = ()) -> list[str]:
-        """Answer several questions in one left-padded batch; each gets the answer it would get alone."""
+    def ask_inputs(self, requests: Sequence[AskRequest]) -> BatchFeature:
+        """The questions' chat prompts, left-padded to one length, with their images' pixels, on device."""
         prompts, images = [], []
         for request in requests:
             messages, pictures = self._conversation(request)
             prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
             images.extend(pictures)
         inputs = encode_prompts(self.processor, prompts, images, generation_mode="text")
-        inputs = inputs.to(self.device, dtype=self.dtype) if images else inputs.to(self.device)
+        return inputs.to(self.device, dtype=self.dtype) if images else inputs.to(self.device)
+
+    def question_embeddings(self, inputs: BatchFeature) -> torch.Tensor:
+        """The language model's input embeddings for `ask_inputs`, each image's features in place of its
+        placeholder tokens, as JanusModel.forward builds them. -> [B, L, D]"""
+        ids = inputs["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        if "pixel_values" in inputs:
+            features = self.model.model.get_image_features(inputs["pixel_values"])
+            assert not isinstance(features, tuple)  # a ModelOutput unless return_dict=False was asked for
+            assert features.pooler_output is not None  # the aligner's output, set by get_image_features
+            flat = features.pooler_output.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            placeholders = (ids == self.model.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(placeholders, flat)
+        return embeds
+
+    @torch.inference_mode()
+    def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter] = ()) -> list[str]:
+        """Answer several questions in one left-padded batch; each gets the answer it would get alone."""
+        inputs = self.ask_inputs(requests)
         longest = max(r.max_new_tokens for r in requests)
         eos = self.model.generation_config.eos_token_id
-        streamer = _TextReporter(self._decode_answer, reports, longest, 0.25, eos) if reports else None
+        streamer = _TextReporter(self.decode_answer, reports, longest, 0.25, eos) if reports else None
         # Janus's own generate() drops `logits_processor` in text mode; its text mode is exactly the
         # generic GenerationMixin.generate without guidance, so call that directly.
         # (transformers annotates the mixin's `self` with a protocol that GenerationMixin itself does not
@@ -299,7 +353,9 @@ class JanusEngine:
             max_new_tokens=longest,
             streamer=streamer,
             pad_token_id=self.pad_id,
-            logits_processor=LogitsProcessorList([_RowSampler(requests)]),
+            logits_processor=LogitsProcessorList(
+                [_RowSampler(requests, inputs["input_ids"].shape[1], self.device)]
+            ),
             guidance_scale=None,
             do_sample=False,
             temperature=None,
@@ -308,11 +364,11 @@ class JanusEngine:
         )  # [B, L + new]
         prompt_length = inputs["input_ids"].shape[1]
         return [
-            self._decode_answer(row[prompt_length : prompt_length + r.max_new_tokens].tolist())
+            self.decode_answer(row[prompt_length : prompt_length + r.max_new_tokens].tolist())
             for row, r in zip(output, requests, strict=True)
         ]
 
-    def _decode_answer(self, tokens: list[int]) -> str:
+    def decode_answer(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     # ---- generation ------------------------------------------------------------------------------------
@@ -343,8 +399,7 @@ class JanusEngine:
         counts = torch.tensor([r.count for r in requests])
         cond = inputs["input_ids"].repeat_interleave(counts, dim=0)  # [B, L] prompt-major, as HF does
         mask = inputs["attention_mask"].repeat_interleave(counts, dim=0)
-        uncond = cond.clone()  # keep only BOS and <begin_of_image>, as DeepSeek's demo and HF's port do
-        uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
+        uncond = self.unconditional(cond)
         spans, start = [], 0
         for r in real:
             spans.append(slice(start, start + r.count))
@@ -358,7 +413,7 @@ class JanusEngine:
         kept = torch.zeros((len(uniforms), self.num_image_tokens), dtype=torch.long)
         kept_length = torch.zeros(len(uniforms), dtype=torch.long)
         for span, r in zip(spans, real, strict=True):
-            kept[span, : len(r.keep)] = torch.tensor(self._checked_keep(r.keep), dtype=torch.long)
+            kept[span, : len(r.keep)] = torch.tensor(self.checked_keep(r.keep), dtype=torch.long)
             kept_length[span] = len(r.keep)
         per_row = lambda values: torch.tensor(values, dtype=torch.float32).repeat_interleave(counts)[:, None]  # noqa: E731
         return ImageBatch(
@@ -372,7 +427,14 @@ class JanusEngine:
             spans=spans,
         )
 
-    def _checked_keep(self, keep: tuple[int, ...]) -> list[int]:
+    def unconditional(self, cond: torch.Tensor) -> torch.Tensor:
+        """The rows guidance pushes away from: only BOS and <begin_of_image> kept, as DeepSeek's demo and
+        HF's port do."""
+        uncond = cond.clone()
+        uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
+        return uncond
+
+    def checked_keep(self, keep: tuple[int, ...]) -> list[int]:
         """Kept tokens must be image tokens of this model, at most one image's worth."""
         vocabulary = self.vq_config.num_embeddings
         if len(keep) > self.num_image_tokens or any(not 0 <= token < vocabulary for token in keep):
@@ -407,15 +469,15 @@ class JanusEngine:
     def sample(logits: torch.Tensor, batch: ImageBatch, step: int) -> torch.Tensor:
         """Guidance, then per-row sampling from the full distribution by inverse CDF (greedy where T = 0)."""
         rows = logits.shape[0] // 2
-        cond, uncond = logits[:rows], logits[rows:]  # [B, V] each
-        guided = uncond + batch.guidance * (cond - uncond)  # [B, V]
-        greedy = guided.argmax(dim=-1)  # [B]
-        temperature = batch.temperature.clamp(min=1e-5)
-        cdf = torch.softmax(guided / temperature, dim=-1).cumsum(dim=-1)  # [B, V]
-        threshold = batch.uniforms[:, step : step + 1] * cdf[:, -1:]  # [B, 1]
-        sampled = torch.searchsorted(cdf, threshold).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [B]
-        drawn = torch.where(batch.temperature.squeeze(-1) > 0, sampled, greedy)
-        return torch.where(step < batch.kept_length, batch.kept[:, step], drawn)  # kept tokens win
+        kept = torch.where(step < batch.kept_length, batch.kept[:, step], -1)
+        return sample_image_rows(
+            logits[:rows],
+            logits[rows:],
+            batch.guidance.squeeze(-1),
+            batch.temperature.squeeze(-1),
+            batch.uniforms[:, step],
+            kept,
+        )
 
     @torch.inference_mode()
     def generate_tokens(self, batch: ImageBatch, reports: Sequence[Reporter] = ()) -> torch.Tensor:

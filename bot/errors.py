@@ -11,6 +11,12 @@ class QueueFull(UserFacingError):
     """The GPU queue is at capacity."""
 
 
+OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
+OUT_OF_MEMORY_ASKING = (
+    "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
+)
+
+
 class JobCancelled(UserFacingError):
     """The job was cancelled before it ran (by its requester or a shutdown)."""
 

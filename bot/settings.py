@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         default=16, ge=1, le=64, description="Images generated together across requests"
     )
+    scheduler: Literal["step", "batch"] = Field(
+        default="step", description="step = requests join running steps; batch = one batch at a time"
+    )
 
     # Upscaler
     upscaler_weights: str = Field(
@@ -143,6 +146,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL such as https://discord.com/api/v10")
         return value.rstrip("/")
+
+    @property
+    def answer_slots(self) -> int:
+        """Questions answered at once beside MAX_BATCH_IMAGES images (SCHEDULER=step): one per four images."""
+        return max(1, self.max_batch_images // 4)
 
     @property
     def upscaling_enabled(self) -> bool:

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, resolve_device
-from bot.errors import JobCancelled, JobFailed, StartupError
+from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed, StartupError
 from bot.jobs import Progress, Reporter
 from bot.requests import UpscaleRequest
+from bot.scheduler import StepScheduler
 from bot.settings import Settings
 from bot.upscaler import Upscaler, UpscalerError
 
@@ -24,11 +25,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
 
-OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again with fewer images."
 OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
-OUT_OF_MEMORY_ASKING = (
-    "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
-)
 
 
 class Studio:
@@ -36,6 +33,19 @@ class Studio:
 
     def __init__(self, engine: JanusEngine, upscaler: Upscaler | None) -> None:
         self.engine, self.upscaler = engine, upscaler
+        self._scheduler: StepScheduler | None = None
+
+    def scheduler(self, image_slots: int, answer_slots: int) -> StepScheduler:
+        """The step scheduler over this studio's model (SCHEDULER=step), made on first use; its galleries are
+        upscaled as each one is done."""
+        if self._scheduler is None:
+            self._scheduler = StepScheduler(
+                self.engine,
+                image_slots=image_slots,
+                answer_slots=answer_slots,
+                finish_gallery=lambda drawings: self._upscaled([drawings])[0],
+            )
+        return self._scheduler
 
     @classmethod
     def load(cls, settings: Settings, *, preview_seconds: float | None = None) -> Studio:
@@ -63,13 +73,16 @@ class Studio:
                 )
             except UpscalerError as error:
                 raise StartupError(str(error)) from None
+        compile = settings.compile and settings.scheduler == "batch"
+        if settings.compile and not compile:
+            log.warning("COMPILE=true applies to SCHEDULER=batch; the step scheduler runs eagerly")
         try:
             engine = JanusEngine.load(
                 settings.janus_model,
                 device=settings.janus_device,
                 dtype=settings.janus_dtype,
                 preview_seconds=preview_seconds,
-                compile=settings.compile,
+                compile=compile,
             )
         except Exception as error:  # noqa: BLE001 - hub errors, missing files, bad configs, CUDA...
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -77,7 +90,7 @@ class Studio:
                 f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}"
             ) from error
         studio = cls(engine, upscaler)
-        if settings.compile:
+        if compile:
             studio.warm_up(settings.max_batch_images)
         return studio
 
@@ -183,7 +196,9 @@ class Studio:
     def _imagine_and_upscale(
         self, requests: Sequence[ImagineRequest], reports: Sequence[Reporter]
     ) -> list[list[Drawing]]:
-        galleries = self.engine.imagine_batch(requests, reports)
+        return self._upscaled(self.engine.imagine_batch(requests, reports))
+
+    def _upscaled(self, galleries: list[list[Drawing]]) -> list[list[Drawing]]:
         if self.upscaler is None:
             return galleries
         flat = iter(self.upscaler.upscale([drawing.image for gallery in galleries for drawing in gallery]))

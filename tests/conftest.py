@@ -60,6 +60,9 @@ def settings(tiny_dir: Path, tmp_path: Path) -> Settings:
         upscaler_weights=str(tiny_dir / "RealESRGAN_x2.pth"),
         data_dir=tmp_path / "data",
         max_answer_tokens=48,
+        # The stand-in studios of the user stories replace Studio's batch methods; the step scheduler's own
+        # stories (test_step_scheduler.py) ask for SCHEDULER=step.
+        scheduler="batch",
     )
 
 

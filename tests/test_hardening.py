@@ -43,12 +43,12 @@ from scene import Scene, open_scene, text_of
 from settings_for_tests import settings_for_tests
 
 from bot.client import SORRY, JanusBot
-from bot.errors import JobCancelled
+from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled
 from bot.executor import GpuExecutor
 from bot.jobs import Progress
 from bot.logs import configure_logging
 from bot.store import UsageStore
-from bot.studio import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, Studio
+from bot.studio import Studio
 from cogs.understanding import DESCRIBE
 
 TOKENS = 8  # answer length: the tiny model's answers only need to exist

@@ -133,6 +133,7 @@ class Processes:
             "RESULT_TTL_SECONDS": "120",
             "FAKE_RUNS": str(self.runs_file),
             "LOG_LEVEL": "INFO",
+            "SCHEDULER": "batch",  # the workers' stand-in studios replace Studio's batch methods
         }
         self.started: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}

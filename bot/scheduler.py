@@ -1,0 +1,497 @@
+"""Continuous batching on the GPU thread (SCHEDULER=step): requests join a running loop of steps.
+
+Image rows (a conditional and an unconditional row per image) and answer rows run through the same language
+model and differ only in their input embeddings and output head, so every step is one forward pass over all
+running rows: image rows get the image head, answer rows the text head. Each row has a slot in a
+preallocated KV cache and its own position; a request is prefilled into free slots as soon as it is
+admitted, joins at the next step, and leaves when its own rows are done, its images decoded and upscaled
+at once. Each request gets exactly what it would get alone: its own seed, guidance, temperature and top-p,
+sampled by the same functions the batch-at-a-time engine uses.
+
+Plain synchronous torch; `admit` and `pending` may be called from any thread, everything else runs on the
+GPU thread. Nothing here knows about Discord.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from bot.engine import JanusEngine, answer_uniforms, encode_prompts, sample_image_rows, sample_text_rows
+from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed
+from bot.jobs import Progress, Reporter
+from bot.requests import AskRequest, Drawing, ImagineRequest
+
+log = logging.getLogger(__name__)
+
+CACHE_GROWTH = 64  # a pool's cache grows to the next multiple of this many positions, so shapes repeat
+REPORT_SECONDS = 0.25  # answers stream to their reporters at most this often (the first token at once)
+
+Finish = Callable[[Any], None]  # called once per admitted request: its result, or the exception for it
+
+
+class SlotCache:
+    """Keys and values of `rows` cache rows for every layer: [rows, kv_heads, length, head_dim] each. Rows
+    are preallocated; the length grows (in CACHE_GROWTH steps) only when a longer request arrives."""
+
+    def __init__(
+        self, layers: int, rows: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
+        self.device, self.dtype = device, dtype
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions per row, keeping what is cached."""
+        if length <= self.length:
+            return
+        grown = -(-length // CACHE_GROWTH) * CACHE_GROWTH
+        shape = (self.rows, self.kv_heads, grown, self.head_dim)
+        old_keys, old_values = self.keys, self.values
+        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
+        if old_keys:  # none before the first growth
+            for new, old in zip(self.keys + self.values, old_keys + old_values, strict=True):
+                new[:, :, : self.length] = old
+        self.length = grown
+
+
+@dataclass
+class _Attend:
+    """How one group of rows in a forward pass attends. Prefill (`targets`): row j's keys and values for
+    positions [0, T) go to cache rows targets[j] (one, or several sharing a prompt), and rows attend causally
+    among themselves. Decode (`rows`, `positions`): row j's one new token goes to cache row rows[j] at
+    positions[j], and it attends to that row's cache up to there."""
+
+    cache: SlotCache
+    targets: list[torch.Tensor] = field(default_factory=list)
+    rows: torch.Tensor | None = None  # [r] long
+    positions: torch.Tensor | None = None  # [r] long
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.targets)
+
+
+@dataclass(eq=False)
+class _Gallery:
+    request: ImagineRequest
+    report: Reporter | None
+    finish: Finish
+    slots: list[int]  # image slots, one per image: cache rows slot (conditional) and slot + image_slots
+    order: int  # admission order: on out-of-memory the newest request gives way
+    done: int = 0  # image tokens drawn per image
+    last_preview: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Answer:
+    request: AskRequest
+    report: Reporter | None
+    finish: Finish
+    slot: int
+    order: int
+    tokens: list[int] = field(default_factory=list)
+    last_report: float = 0.0
+
+
+class StepScheduler:
+    """A fixed pool of image slots and answer slots on one engine, stepped until no work is left."""
+
+    def __init__(
+        self,
+        engine: JanusEngine,
+        *,
+        image_slots: int,
+        answer_slots: int,
+        finish_gallery: Callable[[list[Drawing]], list[Drawing]] = lambda drawings: drawings,
+    ) -> None:
+        if engine.text_config.model_type != "llama":
+            raise ValueError(
+                f"the step scheduler runs Llama language models, not {engine.text_config.model_type}"
+            )
+        self.engine, self.finish_gallery = engine, finish_gallery
+        self.image_slots, self.answer_slots = image_slots, answer_slots
+        lm = engine.model.model.language_model
+        self.lm = lm
+        attention = lm.layers[0].self_attn
+        self.head_dim: int = attention.head_dim
+        self.heads: int = engine.text_config.num_attention_heads
+        self.kv_heads: int = engine.text_config.num_key_value_heads
+        layers, device, dtype = len(lm.layers), engine.device, engine.dtype
+        self.image_cache = SlotCache(layers, 2 * image_slots, self.kv_heads, self.head_dim, device, dtype)
+        self.answer_cache = SlotCache(layers, answer_slots, self.kv_heads, self.head_dim, device, dtype)
+        n_img = engine.num_image_tokens
+        # Per image slot: what sampling needs, on the device, so a step samples all rows without the host.
+        self.image_tokens = torch.zeros((image_slots, n_img), dtype=torch.long, device=device)
+        self.image_uniforms = torch.zeros((image_slots, n_img), device=device)
+        self.image_kept = torch.full((image_slots, n_img), -1, dtype=torch.long, device=device)
+        self.image_guidance = torch.zeros(image_slots, device=device)
+        self.image_temperature = torch.zeros(image_slots, device=device)
+        self.image_positions = torch.zeros(image_slots, dtype=torch.long, device=device)
+        # Per answer slot: the same for questions (uniforms grow with the longest answer admitted).
+        self.answer_uniforms = torch.zeros((answer_slots, 0), device=device)
+        self.answer_temperature = torch.zeros(answer_slots, device=device)
+        self.answer_top_p = torch.ones(answer_slots, device=device)
+        self.answer_positions = torch.zeros(answer_slots, dtype=torch.long, device=device)
+        self.answer_last = torch.zeros(answer_slots, dtype=torch.long, device=device)
+        self.eos: int | None = engine.model.generation_config.eos_token_id
+        # Shared with the admitting thread: free slots and the requests admitted but not yet prefilled.
+        self._lock = threading.Lock()
+        self._free_images = list(range(image_slots))
+        self._free_answers = list(range(answer_slots))
+        self._inbox: list[_Gallery | _Answer] = []
+        self._orders = itertools.count()
+        self.galleries: list[_Gallery] = []
+        self.answers: list[_Answer] = []
+        self.steps = 0  # forward passes run (prefills not counted), for tests and benchmarks
+
+    # ---- any thread ---------------------------------------------------------------------------------
+
+    def admit(self, request: Any, report: Reporter | None, finish: Finish) -> bool:
+        """Reserve slots for a request and queue it for prefill; False (nothing reserved) while the slots
+        it needs are taken. A request that could never fit is refused with a JobFailed."""
+        with self._lock:
+            if isinstance(request, ImagineRequest):
+                if request.count > self.image_slots:
+                    raise JobFailed(f"At most {self.image_slots} images can be drawn at once.")
+                if request.count > len(self._free_images):
+                    return False
+                slots = [self._free_images.pop(0) for _ in range(request.count)]
+                self._inbox.append(_Gallery(request, report, finish, slots, next(self._orders)))
+            elif isinstance(request, AskRequest):
+                if not self._free_answers:
+                    return False
+                slot = self._free_answers.pop(0)
+                self._inbox.append(_Answer(request, report, finish, slot, next(self._orders)))
+            else:
+                raise TypeError(f"the step scheduler takes ImagineRequest and AskRequest, not {request!r}")
+            return True
+
+    def pending(self) -> bool:
+        """Whether any admitted request is not finished yet."""
+        with self._lock:
+            return bool(self._inbox or self.galleries or self.answers)
+
+    # ---- the GPU thread -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        """Prefill what was admitted, step every running row, deliver what is done; until nothing is left."""
+        while True:
+            with self._lock:
+                arrived, self._inbox = self._inbox, []
+                if not arrived and not self.galleries and not self.answers:
+                    return
+            for entry in arrived:
+                self._start(entry)
+            if self.galleries or self.answers:
+                self._step_or_give_way()
+
+    def _start(self, entry: _Gallery | _Answer) -> None:
+        """Prefill one request into its slots; a failure reaches that request alone."""
+        try:
+            if isinstance(entry, _Gallery):
+                self._prefill_gallery(entry)
+                self.galleries.append(entry)
+                self._after_image_token(entry)
+            else:
+                self._prefill_answer(entry)
+                self.answers.append(entry)
+                self._after_answer_token(entry, int(self.answer_last[entry.slot]))
+        except torch.OutOfMemoryError:
+            _free_gpu_memory()
+            self._drop(entry, JobFailed(self._out_of_memory(entry)))
+        except Exception as error:  # noqa: BLE001 - this request's own failure (a cancel, bad input, a bug)
+            if not isinstance(error, JobCancelled):
+                log.exception("Starting a %s request failed", type(entry.request).__name__)
+            self._drop(entry, error)
+
+    def _step_or_give_way(self) -> None:
+        try:
+            self._step()
+        except torch.OutOfMemoryError:
+            _free_gpu_memory()
+            newest = max((*self.galleries, *self.answers), key=lambda entry: entry.order)
+            log.warning("Out of GPU memory stepping %d rows; stopping the newest request", self._row_count())
+            self._drop(newest, JobFailed(self._out_of_memory(newest)))
+        except Exception as error:  # noqa: BLE001 - a failed shared step fails everyone in it, who is told
+            log.exception("A step of %d rows failed", self._row_count())
+            for entry in (*self.galleries, *self.answers):
+                self._drop(entry, error)
+
+    def _row_count(self) -> int:
+        return 2 * sum(len(g.slots) for g in self.galleries) + len(self.answers)
+
+    @staticmethod
+    def _out_of_memory(entry: _Gallery | _Answer) -> str:
+        return OUT_OF_MEMORY if isinstance(entry, _Gallery) else OUT_OF_MEMORY_ASKING
+
+    def _drop(self, entry: _Gallery | _Answer, outcome: Any) -> None:
+        """Take a request out of the loop, free its slots and hand over its result or error."""
+        if isinstance(entry, _Gallery):
+            if entry in self.galleries:
+                self.galleries.remove(entry)
+            with self._lock:
+                self._free_images.extend(entry.slots)
+        else:
+            if entry in self.answers:
+                self.answers.remove(entry)
+            with self._lock:
+                self._free_answers.append(entry.slot)
+        try:
+            entry.finish(outcome)
+        except Exception:  # noqa: BLE001 - the receiving side is gone (shutdown); the loop goes on
+            log.exception("Could not hand over a finished request")
+
+    # ---- the forward pass ---------------------------------------------------------------------------
+
+    def _forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, groups: Sequence[_Attend]
+    ) -> torch.Tensor:
+        """Every decoder layer over all rows at once, attention per group against its own cache rows.
+        [R, T, D] embeddings, [R, T] positions -> [R, D] final hidden state of each row's last position."""
+        hidden = embeds
+        rows, length = hidden.shape[:2]
+        cos, sin = self.lm.rotary_emb(hidden, positions)
+        for index, layer in enumerate(self.lm.layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (rows, length, -1, self.head_dim)
+            q = attention.q_proj(x).view(shape).transpose(1, 2)  # [R, H, T, hd]
+            k = attention.k_proj(x).view(shape).transpose(1, 2)  # [R, KV, T, hd]
+            v = attention.v_proj(x).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            outputs, start = [], 0
+            for group in groups:
+                stop = start + group.size
+                outputs.append(
+                    self._attend(group, index, q[start:stop], k[start:stop], v[start:stop], attention)
+                )
+                start = stop
+            out = torch.cat(outputs).transpose(1, 2).reshape(rows, length, -1)
+            hidden = hidden + attention.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.lm.norm(hidden[:, -1])
+
+    def _attend(
+        self, group: _Attend, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Any
+    ) -> torch.Tensor:
+        keys, values = group.cache.keys[layer], group.cache.values[layer]
+        if group.rows is None or group.positions is None:  # prefill from position 0
+            length = k.shape[2]
+            for row, targets in enumerate(group.targets):
+                keys[targets, :, :length] = k[row]
+                values[targets, :, :length] = v[row]
+            k_all, v_all, mask, causal = k, v, None, True
+        else:
+            keys[group.rows, :, group.positions] = k[:, :, 0]
+            values[group.rows, :, group.positions] = v[:, :, 0]
+            k_all, v_all = keys[group.rows], values[group.rows]  # [r, KV, C, hd]
+            span = torch.arange(group.cache.length, device=q.device)
+            mask = (span[None, :] <= group.positions[:, None])[:, None, None, :]  # [r, 1, 1, C]
+            causal = False
+        if self.kv_heads != self.heads:
+            k_all = k_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v_all = v_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        return functional.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask, is_causal=causal, scale=attention.scaling
+        )
+
+    # ---- prefill --------------------------------------------------------------------------------------
+
+    def _prefill_gallery(self, gallery: _Gallery) -> None:
+        """The prompt's conditional and unconditional rows once, copied into every image's cache rows; then
+        the first token of every image."""
+        engine, request = self.engine, gallery.request
+        keep = engine.checked_keep(request.keep)
+        ids = encode_prompts(
+            engine.processor, [engine.prompt_text(request.prompt)], [], generation_mode="image"
+        )["input_ids"].to(engine.device)  # [1, L]
+        rows = torch.cat([ids, engine.unconditional(ids)])  # [2, L]
+        length = rows.shape[1]
+        self.image_cache.ensure(length + engine.num_image_tokens)
+        slots = torch.tensor(gallery.slots, device=engine.device)
+        count, n_img = len(gallery.slots), engine.num_image_tokens
+        uniforms = torch.rand((count, n_img), generator=torch.Generator().manual_seed(request.seed))
+        kept = torch.full((count, n_img), -1, dtype=torch.long)
+        kept[:, : len(keep)] = torch.tensor(keep, dtype=torch.long)
+        self.image_uniforms[slots] = uniforms.to(engine.device)
+        self.image_kept[slots] = kept.to(engine.device)
+        self.image_guidance[slots] = request.guidance
+        self.image_temperature[slots] = request.temperature
+        self.image_positions[slots] = length
+        positions = torch.arange(length, device=engine.device).expand(2, length)
+        group = _Attend(self.image_cache, targets=[slots, slots + self.image_slots])
+        hidden = self._forward(engine.model.get_input_embeddings()(rows), positions, [group])  # [2, D]
+        logits = engine.model.model.generation_head(hidden).float()  # [2, V]
+        cond, uncond = logits[:1].expand(count, -1), logits[1:].expand(count, -1)
+        self.image_tokens[slots, 0] = self._sample_images(slots, cond, uncond, step=0)
+        gallery.done = 1
+
+    def _prefill_answer(self, answer: _Answer) -> None:
+        engine, request = self.engine, answer.request
+        inputs = engine.ask_inputs([request])
+        length = inputs["input_ids"].shape[1]
+        self.answer_cache.ensure(length + request.max_new_tokens)
+        if request.max_new_tokens > self.answer_uniforms.shape[1]:
+            grown = torch.zeros((self.answer_slots, request.max_new_tokens), device=engine.device)
+            grown[:, : self.answer_uniforms.shape[1]] = self.answer_uniforms
+            self.answer_uniforms = grown
+        slot = answer.slot
+        self.answer_uniforms[slot, : request.max_new_tokens] = answer_uniforms(request).to(engine.device)
+        self.answer_temperature[slot] = request.temperature
+        self.answer_top_p[slot] = request.top_p
+        self.answer_positions[slot] = length
+        slots = torch.tensor([slot], device=engine.device)
+        positions = torch.arange(length, device=engine.device)[None]
+        hidden = self._forward(
+            engine.question_embeddings(inputs), positions, [_Attend(self.answer_cache, targets=[slots])]
+        )
+        self.answer_last[slots] = self._sample_answers(slots, engine.model.lm_head(hidden), [0])
+
+    # ---- sampling --------------------------------------------------------------------------------------
+
+    def _sample_images(
+        self, slots: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int | torch.Tensor
+    ) -> torch.Tensor:
+        steps = torch.as_tensor(step, device=slots.device).expand(len(slots))[:, None]
+        return sample_image_rows(
+            cond,
+            uncond,
+            self.image_guidance[slots],
+            self.image_temperature[slots],
+            self.image_uniforms[slots].gather(1, steps).squeeze(1),
+            self.image_kept[slots].gather(1, steps).squeeze(1),
+        )
+
+    def _sample_answers(self, slots: torch.Tensor, logits: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        step = torch.tensor(steps, device=slots.device)[:, None]
+        return sample_text_rows(
+            logits,
+            self.answer_temperature[slots],
+            self.answer_top_p[slots],
+            self.answer_uniforms[slots].gather(1, step).squeeze(1),
+        )
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One token for every running row, in one forward pass."""
+        engine, device = self.engine, self.engine.device
+        galleries, answers = list(self.galleries), list(self.answers)
+        image_slot_list = [slot for g in galleries for slot in g.slots]
+        image_steps = [g.done for g in galleries for _slot in g.slots]
+        image_slots = torch.tensor(image_slot_list, dtype=torch.long, device=device)
+        answer_slots = torch.tensor([a.slot for a in answers], dtype=torch.long, device=device)
+        embeds, positions, groups = [], [], []
+        if galleries:
+            steps = torch.tensor(image_steps, device=device)
+            last = self.image_tokens[image_slots].gather(1, (steps - 1)[:, None]).squeeze(1)  # [n]
+            embeds.append(engine.model.prepare_embeddings_for_image_generation(last.repeat(2)))  # [2n, D]
+            rows = torch.cat([image_slots, image_slots + self.image_slots])
+            image_positions = self.image_positions[image_slots].repeat(2)
+            positions.append(image_positions)
+            groups.append(_Attend(self.image_cache, rows=rows, positions=image_positions))
+        if answers:
+            embeds.append(engine.model.get_input_embeddings()(self.answer_last[answer_slots]))  # [t, D]
+            answer_positions = self.answer_positions[answer_slots]
+            positions.append(answer_positions)
+            groups.append(_Attend(self.answer_cache, rows=answer_slots, positions=answer_positions))
+        hidden = self._forward(torch.cat(embeds)[:, None], torch.cat(positions)[:, None], groups)  # [R, D]
+        self.steps += 1
+        images = 2 * len(image_slot_list)
+        if galleries:
+            logits = engine.model.model.generation_head(hidden[:images]).float()
+            count = len(image_slot_list)
+            chosen = self._sample_images(image_slots, logits[:count], logits[count:], steps)
+            self.image_tokens[image_slots, steps] = chosen
+            self.image_positions[image_slots] += 1
+        if answers:
+            chosen_words = self._sample_answers(
+                answer_slots, engine.model.lm_head(hidden[images:]), [len(a.tokens) for a in answers]
+            )
+            self.answer_last[answer_slots] = chosen_words
+            self.answer_positions[answer_slots] += 1
+            words = chosen_words.tolist()  # the one host synchronisation of a step
+        for gallery in galleries:
+            gallery.done += 1
+            self._after_image_token(gallery)
+        if answers:
+            for answer, word in zip(answers, words, strict=True):
+                self._after_answer_token(answer, word)
+
+    def _after_image_token(self, gallery: _Gallery) -> None:
+        """Report progress (and a preview when due); deliver the gallery once its last token is drawn."""
+        engine, n_img = self.engine, self.engine.num_image_tokens
+        try:
+            if gallery.done >= n_img:
+                tokens = self.image_tokens[torch.tensor(gallery.slots, device=engine.device)]
+                if gallery.report:
+                    gallery.report(Progress(n_img, n_img))
+                drawings = [
+                    Drawing(image, tuple(row))
+                    for image, row in zip(engine.decode(tokens), tokens.tolist(), strict=True)
+                ]
+                self._drop(gallery, self.finish_gallery(drawings))
+                return
+            if gallery.report is None:
+                return
+            now = time.perf_counter()
+            preview_due = (
+                engine.preview_seconds is not None
+                and gallery.done % engine.grid == 0
+                and now - gallery.last_preview >= engine.preview_seconds
+            )
+            previews = None
+            if preview_due:
+                gallery.last_preview = now
+                previews = engine.preview(
+                    self.image_tokens[torch.tensor(gallery.slots, device=engine.device)], gallery.done
+                )
+            gallery.report(Progress(gallery.done, n_img, previews))
+        except torch.OutOfMemoryError:
+            _free_gpu_memory()
+            self._drop(gallery, JobFailed(OUT_OF_MEMORY))
+        except Exception as error:  # noqa: BLE001 - a cancel, or a failure of this gallery's decode/upscale
+            if not isinstance(error, JobCancelled | JobFailed):
+                log.exception("Finishing a gallery failed")
+            self._drop(gallery, error)
+
+    def _after_answer_token(self, answer: _Answer, word: int) -> None:
+        """Stream the answer so far (the first word at once); deliver it at its end of text or length."""
+        answer.tokens.append(word)
+        finished = word == self.eos or len(answer.tokens) >= answer.request.max_new_tokens
+        try:
+            now = time.perf_counter()
+            if answer.report and (finished or now - answer.last_report >= REPORT_SECONDS):
+                answer.last_report = now
+                answer.report(
+                    Progress(
+                        len(answer.tokens),
+                        answer.request.max_new_tokens,
+                        self.engine.decode_answer(answer.tokens),
+                    )
+                )
+            if finished:
+                self._drop(answer, self.engine.decode_answer(answer.tokens))
+        except Exception as error:  # noqa: BLE001 - a cancel (or a failing reporter) stops this answer alone
+            if not isinstance(error, JobCancelled):
+                log.exception("Streaming an answer failed")
+            self._drop(answer, error)
+
+
+def _free_gpu_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
