@@ -444,7 +444,11 @@ class GpuExecutor:
         self._wake.clear()
         waiter = loop.create_task(self._wake.wait())
         try:
-            await asyncio.wait([waiter, *([run] if run else [])], timeout=self._next_deadline())
+            await asyncio.wait(
+                [waiter, *([run] if run else [])],
+                timeout=self._next_deadline(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         except asyncio.CancelledError:  # the loop is going away: tell the jobs' awaiters why
             for job in list(self.running):
                 job.cancel("The bot is shutting down; please ask again once it is back.")
