@@ -69,19 +69,24 @@ class SlotCache:
 
 @dataclass
 class _Attend:
-    """How one group of rows in a forward pass attends. Prefill (`targets`): row j's keys and values for
-    positions [0, T) go to cache rows targets[j] (one, or several sharing a prompt), and rows attend causally
-    among themselves. Decode (`rows`, `positions`): row j's one new token goes to cache row rows[j] at
-    positions[j], and it attends to that row's cache up to there."""
+    """How one request's rows attend in a forward pass. Prefill (`targets`): row j's keys and values for
+    positions [0, T) go to cache rows targets[j] (one, or several sharing a prompt), and the rows attend
+    causally among themselves. Decode (`rows`, `position`): each row's one new token goes to its cache row at
+    `position` (a request's rows move in step), and it attends to that row's cache up to there: a slice of
+    the cache, no mask, and a view when the rows are contiguous."""
 
     cache: SlotCache
     targets: list[torch.Tensor] = field(default_factory=list)
-    rows: torch.Tensor | None = None  # [r] long
-    positions: torch.Tensor | None = None  # [r] long
+    rows: slice | torch.Tensor | None = None
+    position: int = 0
+    size: int = 0  # rows of the forward pass this group covers
 
-    @property
-    def size(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.targets)
+
+def _rows(indices: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Cache rows as a slice when they are contiguous (views, no copies), else as an index tensor."""
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 @dataclass(eq=False)
@@ -89,8 +94,9 @@ class _Gallery:
     request: ImagineRequest
     report: Reporter | None
     finish: Finish
-    slots: list[int]  # image slots, one per image: cache rows slot (conditional) and slot + image_slots
+    slots: list[int]  # image slots, one per image: cache rows 2 slot (conditional) and 2 slot + 1
     order: int  # admission order: on out-of-memory the newest request gives way
+    prompt_length: int = 0
     done: int = 0  # image tokens drawn per image
     last_preview: float = field(default_factory=time.perf_counter)
 
@@ -102,6 +108,7 @@ class _Answer:
     finish: Finish
     slot: int
     order: int
+    prompt_length: int = 0
     tokens: list[int] = field(default_factory=list)
     last_report: float = 0.0
 
@@ -139,12 +146,10 @@ class StepScheduler:
         self.image_kept = torch.full((image_slots, n_img), -1, dtype=torch.long, device=device)
         self.image_guidance = torch.zeros(image_slots, device=device)
         self.image_temperature = torch.zeros(image_slots, device=device)
-        self.image_positions = torch.zeros(image_slots, dtype=torch.long, device=device)
         # Per answer slot: the same for questions (uniforms grow with the longest answer admitted).
         self.answer_uniforms = torch.zeros((answer_slots, 0), device=device)
         self.answer_temperature = torch.zeros(answer_slots, device=device)
         self.answer_top_p = torch.ones(answer_slots, device=device)
-        self.answer_positions = torch.zeros(answer_slots, dtype=torch.long, device=device)
         self.answer_last = torch.zeros(answer_slots, dtype=torch.long, device=device)
         self.eos: int | None = engine.model.generation_config.eos_token_id
         # Shared with the admitting thread: free slots and the requests admitted but not yet prefilled.
@@ -168,7 +173,7 @@ class StepScheduler:
                     raise JobFailed(f"At most {self.image_slots} images can be drawn at once.")
                 if request.count > len(self._free_images):
                     return False
-                slots = [self._free_images.pop(0) for _ in range(request.count)]
+                slots = _take_slots(self._free_images, request.count)
                 self._inbox.append(_Gallery(request, report, finish, slots, next(self._orders)))
             elif isinstance(request, AskRequest):
                 if not self._free_answers:
@@ -244,12 +249,12 @@ class StepScheduler:
             if entry in self.galleries:
                 self.galleries.remove(entry)
             with self._lock:
-                self._free_images.extend(entry.slots)
+                self._free_images = sorted(self._free_images + entry.slots)
         else:
             if entry in self.answers:
                 self.answers.remove(entry)
             with self._lock:
-                self._free_answers.append(entry.slot)
+                self._free_answers = sorted([*self._free_answers, entry.slot])
         try:
             entry.finish(outcome)
         except Exception:  # noqa: BLE001 - the receiving side is gone (shutdown); the loop goes on
@@ -289,24 +294,23 @@ class StepScheduler:
         self, group: _Attend, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Any
     ) -> torch.Tensor:
         keys, values = group.cache.keys[layer], group.cache.values[layer]
-        if group.rows is None or group.positions is None:  # prefill from position 0
+        if group.rows is None:  # prefill from position 0
             length = k.shape[2]
             for row, targets in enumerate(group.targets):
                 keys[targets, :, :length] = k[row]
                 values[targets, :, :length] = v[row]
-            k_all, v_all, mask, causal = k, v, None, True
+            k_all, v_all, causal = k, v, True
         else:
-            keys[group.rows, :, group.positions] = k[:, :, 0]
-            values[group.rows, :, group.positions] = v[:, :, 0]
-            k_all, v_all = keys[group.rows], values[group.rows]  # [r, KV, C, hd]
-            span = torch.arange(group.cache.length, device=q.device)
-            mask = (span[None, :] <= group.positions[:, None])[:, None, None, :]  # [r, 1, 1, C]
+            keys[group.rows, :, group.position] = k[:, :, 0]
+            values[group.rows, :, group.position] = v[:, :, 0]
+            k_all = keys[group.rows, :, : group.position + 1]  # [r, KV, position + 1, hd]
+            v_all = values[group.rows, :, : group.position + 1]
             causal = False
         if self.kv_heads != self.heads:
             k_all = k_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v_all = v_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
         return functional.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=mask, is_causal=causal, scale=attention.scaling
+            q, k_all, v_all, is_causal=causal, scale=attention.scaling
         )
 
     # ---- prefill --------------------------------------------------------------------------------------
@@ -331,9 +335,9 @@ class StepScheduler:
         self.image_kept[slots] = kept.to(engine.device)
         self.image_guidance[slots] = request.guidance
         self.image_temperature[slots] = request.temperature
-        self.image_positions[slots] = length
+        gallery.prompt_length = length
         positions = torch.arange(length, device=engine.device).expand(2, length)
-        group = _Attend(self.image_cache, targets=[slots, slots + self.image_slots])
+        group = _Attend(self.image_cache, targets=[2 * slots, 2 * slots + 1], size=2)
         hidden = self._forward(engine.model.get_input_embeddings()(rows), positions, [group])  # [2, D]
         logits = engine.model.model.generation_head(hidden).float()  # [2, V]
         cond, uncond = logits[:1].expand(count, -1), logits[1:].expand(count, -1)
@@ -353,11 +357,13 @@ class StepScheduler:
         self.answer_uniforms[slot, : request.max_new_tokens] = answer_uniforms(request).to(engine.device)
         self.answer_temperature[slot] = request.temperature
         self.answer_top_p[slot] = request.top_p
-        self.answer_positions[slot] = length
+        answer.prompt_length = length
         slots = torch.tensor([slot], device=engine.device)
         positions = torch.arange(length, device=engine.device)[None]
         hidden = self._forward(
-            engine.question_embeddings(inputs), positions, [_Attend(self.answer_cache, targets=[slots])]
+            engine.question_embeddings(inputs),
+            positions,
+            [_Attend(self.answer_cache, targets=[slots], size=1)],
         )
         self.answer_last[slots] = self._sample_answers(slots, engine.model.lm_head(hidden), [0])
 
@@ -399,31 +405,39 @@ class StepScheduler:
         if galleries:
             steps = torch.tensor(image_steps, device=device)
             last = self.image_tokens[image_slots].gather(1, (steps - 1)[:, None]).squeeze(1)  # [n]
-            embeds.append(engine.model.prepare_embeddings_for_image_generation(last.repeat(2)))  # [2n, D]
-            rows = torch.cat([image_slots, image_slots + self.image_slots])
-            image_positions = self.image_positions[image_slots].repeat(2)
-            positions.append(image_positions)
-            groups.append(_Attend(self.image_cache, rows=rows, positions=image_positions))
+            # Each image's conditional and unconditional rows side by side, as its cache rows are.
+            embeds.append(engine.model.prepare_embeddings_for_image_generation(last.repeat_interleave(2)))
+            for gallery in galleries:
+                position = gallery.prompt_length + gallery.done - 1
+                rows = [row for slot in gallery.slots for row in (2 * slot, 2 * slot + 1)]
+                groups.append(
+                    _Attend(self.image_cache, rows=_rows(rows, device), position=position, size=len(rows))
+                )
+                positions += [position] * len(rows)
         if answers:
             embeds.append(engine.model.get_input_embeddings()(self.answer_last[answer_slots]))  # [t, D]
-            answer_positions = self.answer_positions[answer_slots]
-            positions.append(answer_positions)
-            groups.append(_Attend(self.answer_cache, rows=answer_slots, positions=answer_positions))
-        hidden = self._forward(torch.cat(embeds)[:, None], torch.cat(positions)[:, None], groups)  # [R, D]
+            for answer in answers:
+                position = answer.prompt_length + len(answer.tokens) - 1
+                groups.append(
+                    _Attend(
+                        self.answer_cache, rows=slice(answer.slot, answer.slot + 1), position=position, size=1
+                    )
+                )
+                positions.append(position)
+        hidden = self._forward(
+            torch.cat(embeds)[:, None], torch.tensor(positions, device=device)[:, None], groups
+        )  # [R, D]
         self.steps += 1
         images = 2 * len(image_slot_list)
         if galleries:
             logits = engine.model.model.generation_head(hidden[:images]).float()
-            count = len(image_slot_list)
-            chosen = self._sample_images(image_slots, logits[:count], logits[count:], steps)
+            chosen = self._sample_images(image_slots, logits[0::2], logits[1::2], steps)
             self.image_tokens[image_slots, steps] = chosen
-            self.image_positions[image_slots] += 1
         if answers:
             chosen_words = self._sample_answers(
                 answer_slots, engine.model.lm_head(hidden[images:]), [len(a.tokens) for a in answers]
             )
             self.answer_last[answer_slots] = chosen_words
-            self.answer_positions[answer_slots] += 1
             words = chosen_words.tolist()  # the one host synchronisation of a step
         for gallery in galleries:
             gallery.done += 1
@@ -490,6 +504,19 @@ class StepScheduler:
             if not isinstance(error, JobCancelled):
                 log.exception("Streaming an answer failed")
             self._drop(answer, error)
+
+
+def _take_slots(free: list[int], count: int) -> list[int]:
+    """`count` of the free slots (kept sorted), a contiguous run where there is one; removed from `free`."""
+    for start in range(len(free) - count + 1):
+        if free[start + count - 1] - free[start] == count - 1:
+            taken = free[start : start + count]
+            break
+    else:
+        taken = free[:count]
+    for slot in taken:
+        free.remove(slot)
+    return taken
 
 
 def _free_gpu_memory() -> None:
