@@ -34,6 +34,9 @@ from bot.requests import AskRequest, Drawing, ImagineRequest
 log = logging.getLogger(__name__)
 
 CACHE_GROWTH = 64  # a pool's cache grows to the next multiple of this many positions, so shapes repeat
+# With static shapes, the caches start this long: image prompts of up to 128 tokens, and questions whose
+# prompt (an image is 576 tokens on Janus-Pro) and answer fit in 1024.
+STATIC_PROMPT_LENGTH, STATIC_ANSWER_LENGTH = 128, 1024
 REPORT_SECONDS = 0.25  # answers stream to their reporters at most this often (the first token at once)
 
 Finish = Callable[[Any], None]  # called once per admitted request: its result, or the exception for it
@@ -66,6 +69,9 @@ class SlotCache:
                 new[:, :, : self.length] = old
         self.length = grown
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values]
+
 
 @dataclass
 class _Attend:
@@ -73,13 +79,17 @@ class _Attend:
     positions [0, T) go to cache rows targets[j] (one, or several sharing a prompt), and the rows attend
     causally among themselves. Decode (`rows`, `position`): each row's one new token goes to its cache row at
     `position` (a request's rows move in step), and it attends to that row's cache up to there: a slice of
-    the cache, no mask, and a view when the rows are contiguous."""
+    the cache, no mask, and a view when the rows are contiguous. All rows (`positions`): every row of the
+    cache takes part, row j writes at positions[j] and attends up to it through a mask, so that shapes never
+    change (rows of free slots sit at position 0 and their output is thrown away)."""
 
     cache: SlotCache
     targets: list[torch.Tensor] = field(default_factory=list)
     rows: slice | torch.Tensor | None = None
     position: int = 0
     size: int = 0  # rows of the forward pass this group covers
+    # Fixed shapes (compiled): every cache row, row j's new token at positions[j], a mask up to it.
+    positions: torch.Tensor | None = None
 
 
 def _rows(indices: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -123,7 +133,13 @@ class StepScheduler:
         image_slots: int,
         answer_slots: int,
         finish_gallery: Callable[[list[Drawing]], list[Drawing]] = lambda drawings: drawings,
+        static_shapes: bool = False,
+        compile: bool = False,
     ) -> None:
+        """With `static_shapes` (implied by `compile`), every step runs all slots whether running or not, so
+        that its shapes stay fixed for torch.compile and CUDA graphs (on a GPU the extra rows cost little; on
+        a CPU they cost their full share, which is why it is off by default); the caches then start long
+        enough for most requests, and grow (compiling anew) only for longer ones."""
         if engine.text_config.model_type != "llama":
             raise ValueError(
                 f"the step scheduler runs Llama language models, not {engine.text_config.model_type}"
@@ -147,7 +163,7 @@ class StepScheduler:
         self.image_guidance = torch.zeros(image_slots, device=device)
         self.image_temperature = torch.zeros(image_slots, device=device)
         # Per answer slot: the same for questions (uniforms grow with the longest answer admitted).
-        self.answer_uniforms = torch.zeros((answer_slots, 0), device=device)
+        self.answer_uniforms = torch.zeros((answer_slots, 1), device=device)
         self.answer_temperature = torch.zeros(answer_slots, device=device)
         self.answer_top_p = torch.ones(answer_slots, device=device)
         self.answer_last = torch.zeros(answer_slots, dtype=torch.long, device=device)
@@ -161,6 +177,38 @@ class StepScheduler:
         self.galleries: list[_Gallery] = []
         self.answers: list[_Answer] = []
         self.steps = 0  # forward passes run (prefills not counted), for tests and benchmarks
+        self.static_shapes = static_shapes or compile
+        self._all_slots_step = self._step_all_slots_tensors
+        if self.static_shapes:
+            self.image_cache.ensure(n_img + STATIC_PROMPT_LENGTH)
+            self.answer_cache.ensure(STATIC_ANSWER_LENGTH)
+            self.answer_uniforms = torch.zeros((answer_slots, STATIC_ANSWER_LENGTH), device=device)
+        if compile:
+            if device.type == "cuda":  # updated in place by every step: CUDA graphs may keep their addresses
+                for tensor in (
+                    *self._state_tensors(),
+                    *self.image_cache.tensors(),
+                    *self.answer_cache.tensors(),
+                ):
+                    torch._dynamo.mark_static_address(tensor)
+            self._all_slots_step = torch.compile(
+                self._step_all_slots_tensors,
+                mode="reduce-overhead" if device.type == "cuda" else "default",
+                dynamic=False,
+            )
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [
+            self.image_tokens,
+            self.image_uniforms,
+            self.image_kept,
+            self.image_guidance,
+            self.image_temperature,
+            self.answer_uniforms,
+            self.answer_temperature,
+            self.answer_top_p,
+            self.answer_last,
+        ]
 
     # ---- any thread ---------------------------------------------------------------------------------
 
@@ -294,6 +342,15 @@ class StepScheduler:
         self, group: _Attend, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Any
     ) -> torch.Tensor:
         keys, values = group.cache.keys[layer], group.cache.values[layer]
+        if group.positions is not None:  # all rows, fixed shapes
+            rows = torch.arange(len(group.positions), device=q.device)
+            keys[rows, :, group.positions] = k[:, :, 0]
+            values[rows, :, group.positions] = v[:, :, 0]
+            span = torch.arange(group.cache.length, device=q.device)
+            mask = (span[None, :] <= group.positions[:, None])[:, None, None, :]  # [rows, 1, 1, C]
+            return functional.scaled_dot_product_attention(
+                q, self._grouped(keys), self._grouped(values), attn_mask=mask, scale=attention.scaling
+            )
         if group.rows is None:  # prefill from position 0
             length = k.shape[2]
             for row, targets in enumerate(group.targets):
@@ -306,12 +363,14 @@ class StepScheduler:
             k_all = keys[group.rows, :, : group.position + 1]  # [r, KV, position + 1, hd]
             v_all = values[group.rows, :, : group.position + 1]
             causal = False
-        if self.kv_heads != self.heads:
-            k_all = k_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v_all = v_all.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        k_all, v_all = self._grouped(k_all), self._grouped(v_all)
         return functional.scaled_dot_product_attention(
             q, k_all, v_all, is_causal=causal, scale=attention.scaling
         )
+
+    def _grouped(self, kv: torch.Tensor) -> torch.Tensor:
+        """Keys or values repeated for grouped-query attention (as many heads as the queries)."""
+        return kv if self.kv_heads == self.heads else kv.repeat_interleave(self.heads // self.kv_heads, dim=1)
 
     # ---- prefill --------------------------------------------------------------------------------------
 
@@ -395,8 +454,21 @@ class StepScheduler:
 
     def _step(self) -> None:
         """One token for every running row, in one forward pass."""
-        engine, device = self.engine, self.engine.device
         galleries, answers = list(self.galleries), list(self.answers)
+        if self.static_shapes:
+            words = self._step_all_slots(galleries, answers)
+        else:
+            words = self._step_running_rows(galleries, answers)
+        self.steps += 1
+        for gallery in galleries:
+            gallery.done += 1
+            self._after_image_token(gallery)
+        for answer, word in zip(answers, words, strict=True):
+            self._after_answer_token(answer, word)
+
+    def _step_running_rows(self, galleries: list[_Gallery], answers: list[_Answer]) -> list[int]:
+        """The step over the running rows only; each answer's new word."""
+        engine, device = self.engine, self.engine.device
         image_slot_list = [slot for g in galleries for slot in g.slots]
         image_steps = [g.done for g in galleries for _slot in g.slots]
         image_slots = torch.tensor(image_slot_list, dtype=torch.long, device=device)
@@ -427,7 +499,6 @@ class StepScheduler:
         hidden = self._forward(
             torch.cat(embeds)[:, None], torch.tensor(positions, device=device)[:, None], groups
         )  # [R, D]
-        self.steps += 1
         images = 2 * len(image_slot_list)
         if galleries:
             logits = engine.model.model.generation_head(hidden[:images]).float()
@@ -438,13 +509,89 @@ class StepScheduler:
                 answer_slots, engine.model.lm_head(hidden[images:]), [len(a.tokens) for a in answers]
             )
             self.answer_last[answer_slots] = chosen_words
-            words = chosen_words.tolist()  # the one host synchronisation of a step
+            return chosen_words.tolist()  # the one host synchronisation of a step
+        return []
+
+    def _step_all_slots(self, galleries: list[_Gallery], answers: list[_Answer]) -> list[int]:
+        """The step over every slot, running or not (fixed shapes); each running answer's new word."""
+        device = self.engine.device
+        image_active, image_steps, image_positions = (
+            [False] * self.image_slots,
+            [1] * self.image_slots,
+            [0] * self.image_slots,
+        )
         for gallery in galleries:
-            gallery.done += 1
-            self._after_image_token(gallery)
-        if answers:
-            for answer, word in zip(answers, words, strict=True):
-                self._after_answer_token(answer, word)
+            for slot in gallery.slots:
+                image_active[slot], image_steps[slot] = True, gallery.done
+                image_positions[slot] = gallery.prompt_length + gallery.done - 1
+        answer_active, answer_steps, answer_positions = (
+            [False] * self.answer_slots,
+            [0] * self.answer_slots,
+            [0] * self.answer_slots,
+        )
+        for answer in answers:
+            answer_active[answer.slot], answer_steps[answer.slot] = True, len(answer.tokens)
+            answer_positions[answer.slot] = answer.prompt_length + len(answer.tokens) - 1
+        words = self._all_slots_step(
+            torch.tensor(image_active, device=device),
+            torch.tensor(image_steps, device=device),
+            torch.tensor(image_positions, device=device),
+            torch.tensor(answer_active, device=device),
+            torch.tensor(answer_steps, device=device),
+            torch.tensor(answer_positions, device=device),
+        )
+        if not answers:
+            return []
+        every = words.tolist()  # the one host synchronisation of a step
+        return [every[answer.slot] for answer in answers]
+
+    def _step_all_slots_tensors(
+        self,
+        image_active: torch.Tensor,
+        image_steps: torch.Tensor,
+        image_positions: torch.Tensor,
+        answer_active: torch.Tensor,
+        answer_steps: torch.Tensor,
+        answer_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Tensors only, fixed shapes (what torch.compile captures): every slot's next token; the running
+        ones are stored. [S] image and [A] answer slot state -> [A] the answer slots' words."""
+        model, n_img = self.engine.model, self.engine.num_image_tokens
+        last = self.image_tokens.gather(1, (image_steps - 1).clamp(min=0)[:, None]).squeeze(1)  # [S]
+        embeds = torch.cat(
+            [
+                model.prepare_embeddings_for_image_generation(last.repeat_interleave(2)),
+                model.get_input_embeddings()(self.answer_last),
+            ]
+        )  # [2S + A, D]
+        row_positions = image_positions.repeat_interleave(2)
+        groups = [
+            _Attend(self.image_cache, positions=row_positions, size=2 * self.image_slots),
+            _Attend(self.answer_cache, positions=answer_positions, size=self.answer_slots),
+        ]
+        hidden = self._forward(embeds[:, None], torch.cat([row_positions, answer_positions])[:, None], groups)
+        images = 2 * self.image_slots
+        logits = model.model.generation_head(hidden[:images]).float()
+        step = image_steps.clamp(max=n_img - 1)[:, None]  # [S, 1]
+        chosen = sample_image_rows(
+            logits[0::2],
+            logits[1::2],
+            self.image_guidance,
+            self.image_temperature,
+            self.image_uniforms.gather(1, step).squeeze(1),
+            self.image_kept.gather(1, step).squeeze(1),
+        )
+        kept = self.image_tokens.gather(1, step).squeeze(1)
+        self.image_tokens.scatter_(1, step, torch.where(image_active, chosen, kept)[:, None])
+        word_step = answer_steps.clamp(max=self.answer_uniforms.shape[1] - 1)[:, None]
+        words = sample_text_rows(
+            model.lm_head(hidden[images:]),
+            self.answer_temperature,
+            self.answer_top_p,
+            self.answer_uniforms.gather(1, word_step).squeeze(1),
+        )
+        self.answer_last.copy_(torch.where(answer_active, words, self.answer_last))
+        return words
 
     def _after_image_token(self, gallery: _Gallery) -> None:
         """Report progress (and a preview when due); deliver the gallery once its last token is drawn."""

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     janus_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto = bf16 on GPU"
     )
-    compile: bool = Field(default=False, description="torch.compile the image decode step on GPU")
+    compile: bool = Field(default=False, description="torch.compile the decode step on GPU")
     max_answer_tokens: int = Field(default=512, ge=1, le=4096, description="Longest answer, in tokens")
     max_batch_images: int = Field(
         default=16, ge=1, le=64, description="Images generated together across requests"

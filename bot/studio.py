@@ -31,8 +31,11 @@ OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try
 class Studio:
     """Janus plus the upscaler, loaded on one device; every method runs on the GPU thread."""
 
-    def __init__(self, engine: JanusEngine, upscaler: Upscaler | None) -> None:
+    def __init__(
+        self, engine: JanusEngine, upscaler: Upscaler | None, *, compile_steps: bool = False
+    ) -> None:
         self.engine, self.upscaler = engine, upscaler
+        self.compile_steps = compile_steps  # the step scheduler's step compiled (COMPILE with SCHEDULER=step)
         self._scheduler: StepScheduler | None = None
 
     def scheduler(self, image_slots: int, answer_slots: int) -> StepScheduler:
@@ -44,6 +47,7 @@ class Studio:
                 image_slots=image_slots,
                 answer_slots=answer_slots,
                 finish_gallery=lambda drawings: self._upscaled([drawings])[0],
+                compile=self.compile_steps,
             )
         return self._scheduler
 
@@ -74,8 +78,6 @@ class Studio:
             except UpscalerError as error:
                 raise StartupError(str(error)) from None
         compile = settings.compile and settings.scheduler == "batch"
-        if settings.compile and not compile:
-            log.warning("COMPILE=true applies to SCHEDULER=batch; the step scheduler runs eagerly")
         try:
             engine = JanusEngine.load(
                 settings.janus_model,
@@ -89,9 +91,11 @@ class Studio:
             raise StartupError(
                 f"JANUS_MODEL: could not load {settings.janus_model!r}: {first_line}"
             ) from error
-        studio = cls(engine, upscaler)
+        studio = cls(engine, upscaler, compile_steps=settings.compile and settings.scheduler == "step")
         if compile:
             studio.warm_up(settings.max_batch_images)
+        elif studio.compile_steps:
+            studio.warm_up_steps(settings.max_batch_images, settings.answer_slots)
         return studio
 
     def warm_up(self, max_images: int) -> None:
@@ -103,6 +107,23 @@ class Studio:
                 break
             count = min(count * 2, max_images)
         log.info("Warmed up batches of 1-%d images in %.1fs", max_images, time.perf_counter() - started)
+
+    def warm_up_steps(self, image_slots: int, answer_slots: int) -> None:
+        """Compile the step scheduler's fixed-shape step (a gallery and a question) before members come."""
+        started = time.perf_counter()
+        scheduler = self.scheduler(image_slots, answer_slots)
+        outcomes: list[object] = []
+        scheduler.admit(ImagineRequest("warm-up", count=1), None, outcomes.append)
+        scheduler.admit(AskRequest("warm-up", max_new_tokens=4), None, outcomes.append)
+        scheduler.run()
+        if failed := [outcome for outcome in outcomes if isinstance(outcome, BaseException)]:
+            raise failed[0]
+        log.info(
+            "Compiled the step of %d image and %d answer slots in %.1fs",
+            image_slots,
+            answer_slots,
+            time.perf_counter() - started,
+        )
 
     def describe(self) -> dict[str, object]:
         """Device, dtype and GPU memory in use, for /status and metrics."""

@@ -42,8 +42,10 @@ class Run:
     """A scheduler of the tiny engine and what it delivered, in order; `at(step, action)` does something
     (admit a request...) on the GPU thread once the first admitted gallery has drawn `step` tokens."""
 
-    def __init__(self, engine: JanusEngine, image_slots: int = 8, answer_slots: int = 2) -> None:
-        self.scheduler = StepScheduler(engine, image_slots=image_slots, answer_slots=answer_slots)
+    def __init__(
+        self, engine: JanusEngine, image_slots: int = 8, answer_slots: int = 2, **options: bool
+    ) -> None:
+        self.scheduler = StepScheduler(engine, image_slots=image_slots, answer_slots=answer_slots, **options)
         self.results: dict[str, Any] = {}
         self.finished: list[str] = []
         self.heard: dict[str, list[Progress]] = {}
@@ -78,14 +80,23 @@ def tokens(drawings: Any) -> list[tuple[int, ...]]:
     return [drawing.tokens for drawing in drawings]
 
 
-def test_galleries_joining_mid_run_get_exactly_the_images_they_get_alone(engine: JanusEngine) -> None:
+SHAPES = {
+    "running-rows": {},  # each step over the running rows only (the default)
+    "all-slots": {"static_shapes": True},  # every slot every step, fixed shapes (what COMPILE uses), eager
+}
+
+
+@pytest.mark.parametrize("options", SHAPES.values(), ids=SHAPES.keys())
+def test_galleries_joining_mid_run_get_exactly_the_images_they_get_alone(
+    engine: JanusEngine, options: dict[str, bool]
+) -> None:
     first = ImagineRequest("a red fox in the snow", count=2, seed=3)
     later = {
         "guided": ImagineRequest("a blue vase", count=3, seed=5, guidance=3.0, temperature=0.7),
         "greedy": ImagineRequest("a lighthouse at night", count=1, seed=1, temperature=0),
         "kept": ImagineRequest("a blue vase", count=2, seed=8, keep=(5, 6, 7, 8, 9)),
     }
-    run = Run(engine)
+    run = Run(engine, **options)
     run.admit("first", first)
     run.at(3, lambda: run.admit("guided", later["guided"]))
     run.at(7, lambda: run.admit("greedy", later["greedy"]))
@@ -106,7 +117,13 @@ def test_galleries_joining_mid_run_get_exactly_the_images_they_get_alone(engine:
         assert [p.done for p in run.heard[name]] == list(range(1, n_img + 1))
 
 
-def test_questions_are_answered_in_the_same_steps_and_equal_their_answer_alone(engine: JanusEngine) -> None:
+COMPILED = {**SHAPES, "compiled": {"compile": True}}  # torch.compile of the fixed-shape step, on the CPU
+
+
+@pytest.mark.parametrize("options", COMPILED.values(), ids=COMPILED.keys())
+def test_questions_are_answered_in_the_same_steps_and_equal_their_answer_alone(
+    engine: JanusEngine, options: dict[str, bool]
+) -> None:
     gallery = ImagineRequest("a lighthouse", count=4, seed=2)
     looking = AskRequest(
         "what is this?",
@@ -117,7 +134,7 @@ def test_questions_are_answered_in_the_same_steps_and_equal_their_answer_alone(e
         max_new_tokens=6,
     )
     plain = AskRequest("tell me a joke", temperature=0, max_new_tokens=5, seed=9)
-    run = Run(engine)
+    run = Run(engine, **options)
     run.admit("first", gallery)
     run.at(2, lambda: run.admit("looking", looking))
     run.at(4, lambda: run.admit("plain", plain))
@@ -344,3 +361,10 @@ async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gal
     assert sent_when_drawn and posted < sent_when_drawn[0]  # answered while the gallery was still drawing
     assert [d.tokens for d in drawn] == [d.tokens for d in studio.engine.imagine(request)]
     assert [d.image.size for d in drawn] == [(studio.output_size, studio.output_size)] * 2
+
+
+def test_warming_up_the_steps_draws_and_answers_once(engine: JanusEngine) -> None:
+    studio = Studio(engine, None)  # compile_steps=False: the same warm-up, without the minutes of compiling
+    studio.warm_up_steps(4, 1)
+    scheduler = studio.scheduler(4, 1)
+    assert scheduler.steps == engine.num_image_tokens - 1 and not scheduler.pending()
