@@ -43,9 +43,20 @@ class Run:
     (admit a request...) on the GPU thread once the first admitted gallery has drawn `step` tokens."""
 
     def __init__(
-        self, engine: JanusEngine, image_slots: int = 8, answer_slots: int = 2, **options: bool
+        self,
+        engine: JanusEngine,
+        image_slots: int = 8,
+        answer_slots: int = 2,
+        static_shapes: bool = False,
+        compile: bool = False,
     ) -> None:
-        self.scheduler = StepScheduler(engine, image_slots=image_slots, answer_slots=answer_slots, **options)
+        self.scheduler = StepScheduler(
+            engine,
+            image_slots=image_slots,
+            answer_slots=answer_slots,
+            static_shapes=static_shapes,
+            compile=compile,
+        )
         self.results: dict[str, Any] = {}
         self.finished: list[str] = []
         self.heard: dict[str, list[Progress]] = {}
