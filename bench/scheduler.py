@@ -359,7 +359,8 @@ def report(
     lines = [
         f"## {time.strftime('%Y-%m-%d')} — `{command}`",
         "",
-        f"{args.size} model on {args.device} ({args.dtype}{', compiled' if args.compile else ''}), --max-batch {args.max_batch}, seed {args.seed}: {len(arrivals)} "
+        f"{args.size} model on {args.device} ({args.dtype}{', compiled' if args.compile else ''}), "
+        f"--max-batch {args.max_batch}, seed {args.seed}: {len(arrivals)} "
         f"Poisson arrivals at {rate:.3f}/s ({galleries} galleries of 1-4 images, {len(arrivals) - galleries} "
         f"questions of 32-48 tokens); saturation: {3 * args.max_batch} images in galleries + "
         f"{SATURATION_QUESTIONS} questions at once. Questions asked while a gallery ran: "
