@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from bot.errors import JobCancelled, QueueFull
+from bot.errors import JobCancelled, JobFailed, QueueFull
 from bot.jobs import Charge, Origin, Progress, Reporter
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ P = TypeVar("P")
 
 BatchRunner = Callable[[list[Any], list[Reporter]], list[Any]]
 
+LEFT_BEHIND = "Sorry, something went wrong on the GPU with this request. Please try again."
 GPU_STUCK = (
     "The GPU is stuck on an earlier request, so the bot cannot take any work right now; its operator "
     "has been alerted and it will restart. Please ask again in a few minutes."
@@ -439,7 +440,10 @@ class GpuExecutor:
         if run is None and self._stepper is not None and self._stepper.pending():
             self._step_run = run = loop.run_in_executor(self._thread, self._stepper.run)
             run.add_done_callback(self._run_ended)
-        if run is None and not self.running:
+        if run is None:
+            # The stepper has nothing left: whoever still counts as running, or waits for a stepper that
+            # refuses while idle, would wait forever (a bug): tell them, and keep serving the rest.
+            self._settle_orphans()
             return
         self._wake.clear()
         waiter = loop.create_task(self._wake.wait())
@@ -456,6 +460,21 @@ class GpuExecutor:
         finally:
             waiter.cancel()
         self._enforce_timeouts(run)
+
+    def _settle_orphans(self) -> None:
+        orphans = list(self.running)
+        for entry in self._waiting:
+            if entry.stepper is None:
+                break
+            orphans.append(entry.job)
+        for job in orphans:
+            log.error("A %s job was left behind by the step scheduler; telling its requester", job.kind)
+            self.discard(job)
+            if job in self.running:
+                self._stepped_done(job, JobFailed(LEFT_BEHIND))
+            elif not job.future.done():
+                job.future.set_exception(JobFailed(LEFT_BEHIND))
+                job.changed.set()
 
     def _run_ended(self, run: asyncio.Future[None]) -> None:
         """The stepper's run returned; should it have crashed, nobody it held is left waiting."""

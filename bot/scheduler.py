@@ -34,9 +34,10 @@ from bot.requests import AskRequest, Drawing, ImagineRequest
 log = logging.getLogger(__name__)
 
 CACHE_GROWTH = 64  # a pool's cache grows to the next multiple of this many positions, so shapes repeat
-# With static shapes, the caches start this long: image prompts of up to 128 tokens, and questions whose
-# prompt (an image is 576 tokens on Janus-Pro) and answer fit in 1024.
-STATIC_PROMPT_LENGTH, STATIC_ANSWER_LENGTH = 128, 1024
+# With static shapes, the caches start this long: image prompts of up to 192 tokens (500 characters and the
+# template), and questions whose prompt (an image is 576 tokens on Janus-Pro) and answer fit in 2048; longer
+# ones grow the cache (images by CACHE_GROWTH, answers to the next power of two) and compile the step anew.
+STATIC_PROMPT_LENGTH, STATIC_ANSWER_LENGTH = 192, 2048
 REPORT_SECONDS = 0.25  # answers stream to their reporters at most this often (the first token at once)
 
 Finish = Callable[[Any], None]  # called once per admitted request: its result, or the exception for it
@@ -44,30 +45,39 @@ Finish = Callable[[Any], None]  # called once per admitted request: its result, 
 
 class SlotCache:
     """Keys and values of `rows` cache rows for every layer: [rows, kv_heads, length, head_dim] each. Rows
-    are preallocated; the length grows (in CACHE_GROWTH steps) only when a longer request arrives."""
+    are preallocated; the length grows only when a longer request arrives: to the next multiple of
+    CACHE_GROWTH, or with `doubling` (fixed shapes, where every new length is compiled anew) to the next power
+    of two."""
 
     def __init__(
-        self, layers: int, rows: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        doubling: bool = False,
     ) -> None:
         self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.doubling = device, dtype, doubling
         self.length = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def ensure(self, length: int) -> None:
-        """Make room for `length` positions per row, keeping what is cached."""
+    def ensure(self, length: int) -> bool:
+        """Make room for `length` positions per row, keeping what is cached; whether the cache grew. Should
+        memory run out meanwhile, the cache is left as it was."""
         if length <= self.length:
-            return
-        grown = -(-length // CACHE_GROWTH) * CACHE_GROWTH
+            return False
+        grown = 1 << (length - 1).bit_length() if self.doubling else -(-length // CACHE_GROWTH) * CACHE_GROWTH
         shape = (self.rows, self.kv_heads, grown, self.head_dim)
-        old_keys, old_values = self.keys, self.values
-        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
-        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
-        if old_keys:  # none before the first growth
-            for new, old in zip(self.keys + self.values, old_keys + old_values, strict=True):
-                new[:, :, : self.length] = old
-        self.length = grown
+        keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
+        values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.layers)]
+        for new, old in zip(keys + values, self.keys + self.values, strict=False):  # none before the first
+            new[:, :, : self.length] = old
+        self.keys, self.values, self.length = keys, values, grown
+        return True
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values]
@@ -108,6 +118,7 @@ class _Gallery:
     order: int  # admission order: on out-of-memory the newest request gives way
     prompt_length: int = 0
     done: int = 0  # image tokens drawn per image
+    dropped: bool = False
     last_preview: float = field(default_factory=time.perf_counter)
 
 
@@ -120,6 +131,7 @@ class _Answer:
     order: int
     prompt_length: int = 0
     tokens: list[int] = field(default_factory=list)
+    dropped: bool = False
     last_report: float = 0.0
 
 
@@ -153,8 +165,10 @@ class StepScheduler:
         self.heads: int = engine.text_config.num_attention_heads
         self.kv_heads: int = engine.text_config.num_key_value_heads
         layers, device, dtype = len(lm.layers), engine.device, engine.dtype
-        self.image_cache = SlotCache(layers, 2 * image_slots, self.kv_heads, self.head_dim, device, dtype)
-        self.answer_cache = SlotCache(layers, answer_slots, self.kv_heads, self.head_dim, device, dtype)
+        self.static_shapes, self.compiled = static_shapes or compile, compile
+        cache_shape = (self.kv_heads, self.head_dim, device, dtype)
+        self.image_cache = SlotCache(layers, 2 * image_slots, *cache_shape)
+        self.answer_cache = SlotCache(layers, answer_slots, *cache_shape, doubling=self.static_shapes)
         n_img = engine.num_image_tokens
         # Per image slot: what sampling needs, on the device, so a step samples all rows without the host.
         self.image_tokens = torch.zeros((image_slots, n_img), dtype=torch.long, device=device)
@@ -167,7 +181,8 @@ class StepScheduler:
         self.answer_temperature = torch.zeros(answer_slots, device=device)
         self.answer_top_p = torch.ones(answer_slots, device=device)
         self.answer_last = torch.zeros(answer_slots, dtype=torch.long, device=device)
-        self.eos: int | None = engine.model.generation_config.eos_token_id
+        eos = engine.model.generation_config.eos_token_id
+        self.eos: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         # Shared with the admitting thread: free slots and the requests admitted but not yet prefilled.
         self._lock = threading.Lock()
         self._free_images = list(range(image_slots))
@@ -177,24 +192,32 @@ class StepScheduler:
         self.galleries: list[_Gallery] = []
         self.answers: list[_Answer] = []
         self.steps = 0  # forward passes run (prefills not counted), for tests and benchmarks
-        self.static_shapes = static_shapes or compile
         self._all_slots_step = self._step_all_slots_tensors
         if self.static_shapes:
             self.image_cache.ensure(n_img + STATIC_PROMPT_LENGTH)
             self.answer_cache.ensure(STATIC_ANSWER_LENGTH)
             self.answer_uniforms = torch.zeros((answer_slots, STATIC_ANSWER_LENGTH), device=device)
         if compile:
-            if device.type == "cuda":  # updated in place by every step: CUDA graphs may keep their addresses
-                for tensor in (
-                    *self._state_tensors(),
-                    *self.image_cache.tensors(),
-                    *self.answer_cache.tensors(),
-                ):
-                    torch._dynamo.mark_static_address(tensor)
+            self._mark_static(
+                *self._state_tensors(), *self.image_cache.tensors(), *self.answer_cache.tensors()
+            )
             self._all_slots_step = torch.compile(
                 self._step_all_slots_tensors,
                 mode="reduce-overhead" if device.type == "cuda" else "default",
                 dynamic=False,
+            )
+
+    def _mark_static(self, *tensors: torch.Tensor) -> None:
+        """Tensors every compiled step updates in place: CUDA graphs may keep their addresses."""
+        if self.compiled and self.engine.device.type == "cuda":
+            for tensor in tensors:
+                torch._dynamo.mark_static_address(tensor)
+
+    def _ensure(self, cache: SlotCache, length: int) -> None:
+        if cache.ensure(length) and self.compiled:
+            self._mark_static(*cache.tensors())
+            log.warning(
+                "The step's KV cache grew to %d positions for a longer request: compiling anew", length
             )
 
     def _state_tensors(self) -> list[torch.Tensor]:
@@ -247,8 +270,13 @@ class StepScheduler:
                 arrived, self._inbox = self._inbox, []
                 if not arrived and not self.galleries and not self.answers:
                     return
-            for entry in arrived:
-                self._start(entry)
+            for index, entry in enumerate(arrived):
+                try:
+                    self._start(entry)
+                except BaseException as error:  # not one of the failures _start hands to its request
+                    for never_started in arrived[index:]:
+                        self._drop(never_started, error)
+                    raise
             if self.galleries or self.answers:
                 self._step_or_give_way()
 
@@ -292,7 +320,10 @@ class StepScheduler:
         return OUT_OF_MEMORY if isinstance(entry, _Gallery) else OUT_OF_MEMORY_ASKING
 
     def _drop(self, entry: _Gallery | _Answer, outcome: Any) -> None:
-        """Take a request out of the loop, free its slots and hand over its result or error."""
+        """Take a request out of the loop, free its slots and hand over its result or error (once)."""
+        if entry.dropped:
+            return
+        entry.dropped = True
         if isinstance(entry, _Gallery):
             if entry in self.galleries:
                 self.galleries.remove(entry)
@@ -384,12 +415,13 @@ class StepScheduler:
         )["input_ids"].to(engine.device)  # [1, L]
         rows = torch.cat([ids, engine.unconditional(ids)])  # [2, L]
         length = rows.shape[1]
-        self.image_cache.ensure(length + engine.num_image_tokens)
+        self._ensure(self.image_cache, length + engine.num_image_tokens)
         slots = torch.tensor(gallery.slots, device=engine.device)
         count, n_img = len(gallery.slots), engine.num_image_tokens
         uniforms = torch.rand((count, n_img), generator=torch.Generator().manual_seed(request.seed))
         kept = torch.full((count, n_img), -1, dtype=torch.long)
         kept[:, : len(keep)] = torch.tensor(keep, dtype=torch.long)
+        self.image_tokens[slots] = 0  # nothing of the slots' previous galleries in this one's previews
         self.image_uniforms[slots] = uniforms.to(engine.device)
         self.image_kept[slots] = kept.to(engine.device)
         self.image_guidance[slots] = request.guidance
@@ -407,11 +439,12 @@ class StepScheduler:
         engine, request = self.engine, answer.request
         inputs = engine.ask_inputs([request])
         length = inputs["input_ids"].shape[1]
-        self.answer_cache.ensure(length + request.max_new_tokens)
+        self._ensure(self.answer_cache, length + request.max_new_tokens)
         if request.max_new_tokens > self.answer_uniforms.shape[1]:
             grown = torch.zeros((self.answer_slots, request.max_new_tokens), device=engine.device)
             grown[:, : self.answer_uniforms.shape[1]] = self.answer_uniforms
             self.answer_uniforms = grown
+            self._mark_static(grown)
         slot = answer.slot
         self.answer_uniforms[slot, : request.max_new_tokens] = answer_uniforms(request).to(engine.device)
         self.answer_temperature[slot] = request.temperature
@@ -633,7 +666,7 @@ class StepScheduler:
     def _after_answer_token(self, answer: _Answer, word: int) -> None:
         """Stream the answer so far (the first word at once); deliver it at its end of text or length."""
         answer.tokens.append(word)
-        finished = word == self.eos or len(answer.tokens) >= answer.request.max_new_tokens
+        finished = word in self.eos or len(answer.tokens) >= answer.request.max_new_tokens
         try:
             now = time.perf_counter()
             if answer.report and (finished or now - answer.last_report >= REPORT_SECONDS):

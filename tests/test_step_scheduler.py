@@ -22,7 +22,7 @@ from bot.engine import AskRequest, ImagineRequest, JanusEngine, Turn, sample_tex
 from bot.errors import OUT_OF_MEMORY, JobCancelled, JobFailed
 from bot.executor import GpuExecutor
 from bot.jobs import Progress
-from bot.scheduler import StepScheduler
+from bot.scheduler import SlotCache, StepScheduler
 from bot.studio import Studio
 
 LIMIT = 60  # seconds any single wait may take on a slow machine
@@ -379,3 +379,43 @@ def test_warming_up_the_steps_draws_and_answers_once(engine: JanusEngine) -> Non
     studio.warm_up_steps(4, 1)
     scheduler = studio.scheduler(4, 1)
     assert scheduler.steps == engine.num_image_tokens - 1 and not scheduler.pending()
+
+
+def test_a_cache_that_cannot_grow_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = SlotCache(2, 3, 1, 4, torch.device("cpu"), torch.float32)
+    cache.ensure(10)
+    assert cache.length == 64  # a multiple of CACHE_GROWTH
+    for tensor in cache.tensors():
+        tensor.fill_(1.0)
+    zeros, made = torch.zeros, []
+
+    def zeros_until_memory_runs_out(*args: Any, **kwargs: Any) -> torch.Tensor:
+        made.append(args)
+        if len(made) == 3:  # the keys are made, not yet the values
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros_until_memory_runs_out)
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.ensure(100)
+    assert cache.length == 64 and all(t.shape[2] == 64 and bool((t == 1).all()) for t in cache.tensors())
+    monkeypatch.setattr(torch, "zeros", zeros)
+    assert cache.ensure(100) and cache.length == 128
+    assert all(bool((t[:, :, :64] == 1).all()) and not t[:, :, 64:].any() for t in cache.tensors())
+    assert SlotCache(1, 1, 1, 4, torch.device("cpu"), torch.float32, doubling=True).ensure(700)
+
+
+class IdleRefusingStepper(SlowStepper):
+    """A broken stepper: it never takes anything, even with nothing running."""
+
+    def admit(self, payload: str, report: Any, finish: Any) -> bool:
+        return False
+
+
+async def test_a_job_the_stepper_would_never_take_is_told_and_the_rest_is_served() -> None:
+    async with GpuExecutor(job_timeout=LIMIT) as executor:
+        refused = executor.submit_stepped(IdleRefusingStepper(), "never", kind="imagine")
+        plain = executor.submit(lambda _report: "plain", kind="upscale")
+        with pytest.raises(JobFailed, match="something went wrong"):
+            await asyncio.wait_for(refused, LIMIT)
+        assert await asyncio.wait_for(plain, LIMIT) == "plain"
