@@ -394,6 +394,28 @@ async def test_questions_taken_together_by_a_worker_run_as_one_batch_each_answer
     await nothing_left(redis)
 
 
+async def test_a_worker_with_the_step_scheduler_answers_and_draws_as_alone(
+    procs, backend, redis, studio, tiny_dir
+):
+    question = AskRequest("Tell me a story.", temperature=0.9, seed=4, max_new_tokens=10)
+    gallery = ImagineRequest("a red fox", count=2, seed=5)
+    asked, drawn = backend.ask(question, owner=1), backend.imagine(gallery, owner=2)
+    await procs.worker(
+        "real-worker",
+        SCHEDULER="step",
+        JANUS_MODEL=str(tiny_dir / "janus"),
+        JANUS_DEVICE="cpu",
+        UPSCALER_WEIGHTS="none",
+    )
+
+    answer, drawings = await asyncio.wait_for(asyncio.gather(asked, drawn), 120)
+
+    assert procs.runs() == []  # no batch of questions ran: the step scheduler took both
+    assert answer == studio.ask(question)
+    assert [d.tokens for d in drawings] == [d.tokens for d in studio.engine.imagine(gallery)]
+    await nothing_left(redis)
+
+
 # ---- workers stop, or get stuck ---------------------------------------------------------------------------
 
 
