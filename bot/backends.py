@@ -187,7 +187,8 @@ class LocalBackend:
             loaded=studio is not None,
             gpu_stuck=self.executor.stuck,
             gpu_memory_bytes=device.get("gpu_memory_bytes"),
-            slots=self.executor.max_batch,
+            # Step mode: questions have slots of their own beside the images' (one weight each).
+            slots=self.executor.max_batch + (self.settings.answer_slots if self.stepper else 0),
             busy=busy,
             jobs_done=self.executor.jobs_done,
             timings=self.executor.timings(),

@@ -32,7 +32,7 @@ class WorkerStatus(BaseModel):
     loaded: bool = True
     gpu_stuck: bool = False  # a timed-out job never gave the GPU back: it takes no work until restarted
     gpu_memory_bytes: int | None = Field(default=None, ge=0)  # allocated on its GPU; None on CPU
-    slots: int = Field(ge=0)  # images it runs at once
+    slots: int = Field(ge=0)  # images it runs at once (SCHEDULER=step: and questions, in slots of their own)
     busy: int = Field(ge=0)  # of those, taken by the jobs it holds
     jobs_done: int = Field(ge=0)
     timings: Timings = Field(default_factory=dict)

@@ -372,6 +372,8 @@ async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gal
     assert sent_when_drawn and posted < sent_when_drawn[0]  # answered while the gallery was still drawing
     assert [d.tokens for d in drawn] == [d.tokens for d in studio.engine.imagine(request)]
     assert [d.image.size for d in drawn] == [(studio.output_size, studio.output_size)] * 2
+    [worker] = (await scene.bot.backend.status()).workers
+    assert worker.slots == 16 + 4 and worker.busy == 0  # MAX_BATCH_IMAGES image slots and 16 / 4 answer slots
 
 
 def test_warming_up_the_steps_draws_and_answers_once(engine: JanusEngine) -> None:
