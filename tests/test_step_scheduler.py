@@ -236,6 +236,23 @@ def test_previews_come_per_request_with_its_own_images(engine: JanusEngine) -> N
         assert all(len(p.preview) == count and p.preview[0].size == (64, 64) for p in previews)
 
 
+def test_a_gallery_in_slots_used_before_shows_nothing_of_the_earlier_one(engine: JanusEngine) -> None:
+    earlier, later = ImagineRequest("a fox", count=2, seed=1), ImagineRequest("a cat", count=2, seed=2)
+    reused = Run(engine)
+    reused.admit("earlier", earlier)
+    reused.run()
+    reused.admit("later", later)  # the same two slots, the earlier gallery's tokens still in them
+    reused.run()
+    fresh = Run(engine)
+    fresh.admit("later", later)
+    fresh.run()
+
+    def previews(run: Run) -> list[bytes]:
+        return [image.tobytes() for p in run.heard["later"] if p.preview for image in p.preview]
+
+    assert previews(reused) and previews(reused) == previews(fresh)
+
+
 # ---- through the executor --------------------------------------------------------------------------------
 
 
