@@ -449,7 +449,7 @@ class GpuExecutor:
         waiter = loop.create_task(self._wake.wait())
         try:
             await asyncio.wait(
-                [waiter, *([run] if run else [])],
+                [waiter, run],
                 timeout=self._next_deadline(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -462,6 +462,7 @@ class GpuExecutor:
         self._enforce_timeouts(run)
 
     def _settle_orphans(self) -> None:
+        """Fail the jobs still counted as running, and the stepped ones at the head of the queue."""
         orphans = list(self.running)
         for entry in self._waiting:
             if entry.stepper is None:
@@ -497,14 +498,14 @@ class GpuExecutor:
                 deadlines.append(job.started_at + self.job_timeout)
         return max(min(deadlines) - now, 0.0) if deadlines else None
 
-    def _enforce_timeouts(self, run: asyncio.Future[None] | None) -> None:
+    def _enforce_timeouts(self, run: asyncio.Future[None]) -> None:
         """Stop stepped jobs past the job timeout; give up on the GPU when one is not let go of."""
         if self.job_timeout is None:
             return
         now = time.perf_counter()
         for job in list(self.running):
             if job in self._timed_out:
-                if now - self._timed_out[job] >= self.stuck_grace and run is not None:
+                if now - self._timed_out[job] >= self.stuck_grace:
                     self._give_up(job.kind, run)
                     for stuck in list(self.running):
                         stuck.cancel(GPU_STUCK)
