@@ -110,6 +110,12 @@ class ImageBatch:
     spans: list[slice] = field(default_factory=list)  # each request's rows among the B (filler rows follow)
 
 
+def free_gpu_memory() -> None:
+    """Hand the memory a failed (out-of-memory) step left cached back to the GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,14 @@ import torch
 from torch.nn import functional
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from bot.engine import JanusEngine, answer_uniforms, encode_prompts, sample_image_rows, sample_text_rows
+from bot.engine import (
+    JanusEngine,
+    answer_uniforms,
+    encode_prompts,
+    free_gpu_memory,
+    sample_image_rows,
+    sample_text_rows,
+)
 from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed
 from bot.jobs import Progress, Reporter
 from bot.requests import AskRequest, Drawing, ImagineRequest
@@ -292,7 +299,7 @@ class StepScheduler:
                 self.answers.append(entry)
                 self._after_answer_token(entry, int(self.answer_last[entry.slot]))
         except torch.OutOfMemoryError:
-            _free_gpu_memory()
+            free_gpu_memory()
             self._drop(entry, JobFailed(self._out_of_memory(entry)))
         except Exception as error:  # noqa: BLE001 - this request's own failure (a cancel, bad input, a bug)
             if not isinstance(error, JobCancelled):
@@ -303,7 +310,7 @@ class StepScheduler:
         try:
             self._step()
         except torch.OutOfMemoryError:
-            _free_gpu_memory()
+            free_gpu_memory()
             newest = max((*self.galleries, *self.answers), key=lambda entry: entry.order)
             log.warning("Out of GPU memory stepping %d rows; stopping the newest request", self._row_count())
             self._drop(newest, JobFailed(self._out_of_memory(newest)))
@@ -656,7 +663,7 @@ class StepScheduler:
                 )
             gallery.report(Progress(gallery.done, n_img, previews))
         except torch.OutOfMemoryError:
-            _free_gpu_memory()
+            free_gpu_memory()
             self._drop(gallery, JobFailed(OUT_OF_MEMORY))
         except Exception as error:  # noqa: BLE001 - a cancel, or a failure of this gallery's decode/upscale
             if not isinstance(error, JobCancelled | JobFailed):
@@ -697,8 +704,3 @@ def _take_slots(free: list[int], count: int) -> list[int]:
     for slot in taken:
         free.remove(slot)
     return taken
-
-
-def _free_gpu_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

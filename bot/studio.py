@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
-from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, resolve_device
+from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, free_gpu_memory, resolve_device
 from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed, StartupError
 from bot.jobs import Progress, Reporter
 from bot.requests import UpscaleRequest
@@ -232,8 +232,3 @@ def _is_missing_directory(name: str) -> bool:
     """True for a JANUS_MODEL that is clearly a path (not a hub id such as org/name) and does not exist."""
     looks_like_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
     return looks_like_path and not Path(name).expanduser().exists()
-
-
-def free_gpu_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
