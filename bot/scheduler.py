@@ -248,7 +248,10 @@ class StepScheduler:
         with self._lock:
             if isinstance(request, ImagineRequest):
                 if request.count > self.image_slots:
-                    raise JobFailed(f"At most {self.image_slots} images can be drawn at once.")
+                    n = self.image_slots
+                    raise JobFailed(
+                        f"This bot draws at most {n} images at once; please ask for {n} or fewer."
+                    )
                 if request.count > len(self._free_images):
                     return False
                 slots = _take_slots(self._free_images, request.count)

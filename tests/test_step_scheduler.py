@@ -182,7 +182,7 @@ def test_slots_are_bounded_and_freed_when_a_request_is_done_or_cancelled(engine:
     assert run.admit("small", ImagineRequest("a cat", count=1, seed=1))
     assert run.admit("question", AskRequest("hi", max_new_tokens=3))
     assert not run.admit("second question", AskRequest("hi", max_new_tokens=3))
-    with pytest.raises(JobFailed, match="At most 4 images"):
+    with pytest.raises(JobFailed, match="draws at most 4 images at once; please ask for 4 or fewer"):
         run.scheduler.admit(ImagineRequest("a crowd", count=5), None, lambda _outcome: None)
     assert run.admit("cancelled", ImagineRequest("a dog", count=1, seed=2), cancel_at=4) is False  # full
 
