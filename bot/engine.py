@@ -525,16 +525,21 @@ class JanusEngine:
         reports: Sequence[Reporter],
         last_preview: float,
     ) -> float:
-        preview_due = (
+        preview_due = self.preview_due(done, last_preview)
+        previews = self.preview(tokens[: batch.spans[-1].stop], done) if preview_due else None
+        for span, report in zip(batch.spans, reports, strict=True):
+            report(Progress(done, self.num_image_tokens, previews[span] if previews else None))
+        return time.perf_counter() if preview_due else last_preview
+
+    def preview_due(self, done: int, last_preview: float) -> bool:
+        """Whether a request with `done` tokens per image, last previewed at `last_preview`, gets a preview
+        now: at each finished row of the token grid, at most every preview_seconds, not once it is done."""
+        return (
             self.preview_seconds is not None
             and done < self.num_image_tokens
             and done % self.grid == 0
             and time.perf_counter() - last_preview >= self.preview_seconds
         )
-        previews = self.preview(tokens[: batch.spans[-1].stop], done) if preview_due else None
-        for span, report in zip(batch.spans, reports, strict=True):
-            report(Progress(done, self.num_image_tokens, previews[span] if previews else None))
-        return time.perf_counter() if preview_due else last_preview
 
     def preview(self, tokens: torch.Tensor, done: int) -> list[Image.Image]:
         """The rows drawn so far of every image, the rest left grey."""

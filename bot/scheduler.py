@@ -652,15 +652,9 @@ class StepScheduler:
                 return
             if gallery.report is None:
                 return
-            now = time.perf_counter()
-            preview_due = (
-                engine.preview_seconds is not None
-                and gallery.done % engine.grid == 0
-                and now - gallery.last_preview >= engine.preview_seconds
-            )
             previews = None
-            if preview_due:
-                gallery.last_preview = now
+            if engine.preview_due(gallery.done, gallery.last_preview):
+                gallery.last_preview = time.perf_counter()
                 previews = engine.preview(
                     self.image_tokens[torch.tensor(gallery.slots, device=engine.device)], gallery.done
                 )
