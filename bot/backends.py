@@ -87,7 +87,8 @@ class LocalBackend:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.accepting = True
-        # SCHEDULER=step: questions and galleries join one running loop of steps; batch: batches in turn.
+        # SCHEDULER=step: questions and galleries join one running loop of steps, and upscales run between
+        # its steps; batch: batches in turn.
         self.stepper = _StudioStepper(studio, settings) if settings.scheduler == "step" else None
 
     def ask(
@@ -130,9 +131,12 @@ class LocalBackend:
         charge: Charge | None = None,
     ) -> Job[Image.Image]:
         self._check_accepting()
-        job = self.executor.submit(
-            lambda report: self.studio().upscale(request, report), kind="upscale", owner=owner
-        )
+        if self.stepper is not None:  # between two steps of the running loop
+            job = self.executor.submit_stepped(self.stepper, request, kind="upscale", owner=owner)
+        else:
+            job = self.executor.submit(
+                lambda report: self.studio().upscale(request, report), kind="upscale", owner=owner
+            )
         job.origin, job.charge = origin, charge
         return job
 

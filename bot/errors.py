@@ -15,6 +15,7 @@ OUT_OF_MEMORY = "The GPU ran out of memory for this request. Please try again wi
 OUT_OF_MEMORY_ASKING = (
     "The GPU ran out of memory for this question. Please try again with fewer or smaller images."
 )
+OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
 
 
 class JobCancelled(UserFacingError):

@@ -6,7 +6,8 @@ running rows: image rows get the image head, answer rows the text head. Each row
 preallocated KV cache and its own position; a request is prefilled into free slots as soon as it is
 admitted, joins at the next step, and leaves when its own rows are done, its images decoded and upscaled
 at once. Each request gets exactly what it would get alone: its own seed, guidance, temperature and top-p,
-sampled by the same functions the batch-at-a-time engine uses.
+sampled by the same functions the batch-at-a-time engine uses. An upscale of one image (a U button) runs
+between two steps, so it neither waits for the loop to drain nor holds back the requests behind it.
 
 Plain synchronous torch; `admit` and `pending` may be called from any thread, everything else runs on the
 GPU thread. Nothing here knows about Discord.
@@ -34,9 +35,9 @@ from bot.engine import (
     sample_image_rows,
     sample_text_rows,
 )
-from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed
+from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, OUT_OF_MEMORY_UPSCALING, JobCancelled, JobFailed
 from bot.jobs import Progress, Reporter
-from bot.requests import AskRequest, Drawing, ImagineRequest
+from bot.requests import AskRequest, Drawing, ImagineRequest, UpscaleRequest
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,20 @@ class _Answer:
     last_report: float = 0.0
 
 
+@dataclass(eq=False)
+class _Upscale:
+    """One image to upscale: it takes no slot and runs between two steps."""
+
+    request: UpscaleRequest
+    report: Reporter | None
+    finish: Finish
+    order: int
+    dropped: bool = False
+
+
+_Entry = _Gallery | _Answer | _Upscale
+
+
 class StepScheduler:
     """A fixed pool of image slots and answer slots on one engine, stepped until no work is left."""
 
@@ -152,18 +167,20 @@ class StepScheduler:
         image_slots: int,
         answer_slots: int,
         finish_gallery: Callable[[list[Drawing]], list[Drawing]] = lambda drawings: drawings,
+        upscale: Callable[[UpscaleRequest, Reporter | None], Any] | None = None,
         static_shapes: bool = False,
         compile: bool = False,
     ) -> None:
         """With `static_shapes` (implied by `compile`), every step runs all slots whether running or not, so
         that its shapes stay fixed for torch.compile and CUDA graphs (on a GPU the extra rows cost little; on
         a CPU they cost their full share, which is why it is off by default); the caches then start long
-        enough for most requests, and grow (compiling anew) only for longer ones."""
+        enough for most requests, and grow (compiling anew) only for longer ones. `upscale` runs an
+        UpscaleRequest (without it, the scheduler takes none)."""
         if engine.text_config.model_type != "llama":
             raise ValueError(
                 f"the step scheduler runs Llama language models, not {engine.text_config.model_type}"
             )
-        self.engine, self.finish_gallery = engine, finish_gallery
+        self.engine, self.finish_gallery, self.upscale = engine, finish_gallery, upscale
         self.image_slots, self.answer_slots = image_slots, answer_slots
         lm = engine.model.model.language_model
         self.lm = lm
@@ -194,7 +211,7 @@ class StepScheduler:
         self._lock = threading.Lock()
         self._free_images = list(range(image_slots))
         self._free_answers = list(range(answer_slots))
-        self._inbox: list[_Gallery | _Answer] = []
+        self._inbox: list[_Entry] = []
         self._orders = itertools.count()
         self.galleries: list[_Gallery] = []
         self.answers: list[_Answer] = []
@@ -244,7 +261,8 @@ class StepScheduler:
 
     def admit(self, request: Any, report: Reporter | None, finish: Finish) -> bool:
         """Reserve slots for a request and queue it for prefill; False (nothing reserved) while the slots
-        it needs are taken. A request that could never fit is refused with a JobFailed."""
+        it needs are taken, or for an upscale while another one waits for its turn (so that later ones keep
+        their place in the executor's queue). A request that could never fit is refused with a JobFailed."""
         with self._lock:
             if isinstance(request, ImagineRequest):
                 if request.count > self.image_slots:
@@ -261,8 +279,12 @@ class StepScheduler:
                     return False
                 slot = self._free_answers.pop(0)
                 self._inbox.append(_Answer(request, report, finish, slot, next(self._orders)))
+            elif isinstance(request, UpscaleRequest) and self.upscale is not None:
+                if any(isinstance(entry, _Upscale) for entry in self._inbox):
+                    return False
+                self._inbox.append(_Upscale(request, report, finish, next(self._orders)))
             else:
-                raise TypeError(f"the step scheduler takes ImagineRequest and AskRequest, not {request!r}")
+                raise TypeError(f"the step scheduler takes no {type(request).__name__} here")
             return True
 
     def pending(self) -> bool:
@@ -290,10 +312,13 @@ class StepScheduler:
             if self.galleries or self.answers:
                 self._step_or_give_way()
 
-    def _start(self, entry: _Gallery | _Answer) -> None:
-        """Prefill one request into its slots; a failure reaches that request alone."""
+    def _start(self, entry: _Entry) -> None:
+        """Prefill one request into its slots (or run an upscale); a failure reaches that request alone."""
         try:
-            if isinstance(entry, _Gallery):
+            if isinstance(entry, _Upscale):
+                assert self.upscale is not None  # admitted only with it
+                self._drop(entry, self.upscale(entry.request, entry.report))
+            elif isinstance(entry, _Gallery):
                 self._prefill_gallery(entry)
                 self.galleries.append(entry)
                 self._after_image_token(entry)
@@ -305,7 +330,7 @@ class StepScheduler:
             free_gpu_memory()
             self._drop(entry, JobFailed(self._out_of_memory(entry)))
         except Exception as error:  # noqa: BLE001 - this request's own failure (a cancel, bad input, a bug)
-            if not isinstance(error, JobCancelled):
+            if not isinstance(error, JobCancelled | JobFailed):  # those say what the member is told
                 log.exception("Starting a %s request failed", type(entry.request).__name__)
             self._drop(entry, error)
 
@@ -326,10 +351,12 @@ class StepScheduler:
         return 2 * sum(len(g.slots) for g in self.galleries) + len(self.answers)
 
     @staticmethod
-    def _out_of_memory(entry: _Gallery | _Answer) -> str:
+    def _out_of_memory(entry: _Entry) -> str:
+        if isinstance(entry, _Upscale):
+            return OUT_OF_MEMORY_UPSCALING
         return OUT_OF_MEMORY if isinstance(entry, _Gallery) else OUT_OF_MEMORY_ASKING
 
-    def _drop(self, entry: _Gallery | _Answer, outcome: Any) -> None:
+    def _drop(self, entry: _Entry, outcome: Any) -> None:
         """Take a request out of the loop, free its slots and hand over its result or error (once)."""
         if entry.dropped:
             return
@@ -339,7 +366,7 @@ class StepScheduler:
                 self.galleries.remove(entry)
             with self._lock:
                 self._free_images = sorted(self._free_images + entry.slots)
-        else:
+        elif isinstance(entry, _Answer):
             if entry in self.answers:
                 self.answers.remove(entry)
             with self._lock:

@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from bot.engine import AskRequest, Drawing, ImagineRequest, JanusEngine, free_gpu_memory, resolve_device
-from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_ASKING, JobCancelled, JobFailed, StartupError
+from bot.errors import (
+    OUT_OF_MEMORY,
+    OUT_OF_MEMORY_ASKING,
+    OUT_OF_MEMORY_UPSCALING,
+    JobCancelled,
+    JobFailed,
+    StartupError,
+)
 from bot.jobs import Progress, Reporter
 from bot.requests import UpscaleRequest
 from bot.scheduler import StepScheduler
@@ -24,8 +31,6 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 T = TypeVar("T")
-
-OUT_OF_MEMORY_UPSCALING = "The GPU ran out of memory while upscaling. Please try again later."
 
 
 class Studio:
@@ -40,13 +45,14 @@ class Studio:
 
     def scheduler(self, image_slots: int, answer_slots: int) -> StepScheduler:
         """The step scheduler over this studio's model (SCHEDULER=step), made on first use; its galleries are
-        upscaled as each one is done."""
+        upscaled as each one is done, and single-image upscales run between its steps."""
         if self._scheduler is None:
             self._scheduler = StepScheduler(
                 self.engine,
                 image_slots=image_slots,
                 answer_slots=answer_slots,
                 finish_gallery=lambda drawings: self._upscaled([drawings])[0],
+                upscale=self.upscale,
                 compile=self.compile_steps,
             )
         return self._scheduler

@@ -15,9 +15,8 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from scene import Scene, components_of, decode, labels, open_scene, text_displays, text_of
 
-from bot.errors import JobFailed
+from bot.errors import OUT_OF_MEMORY_UPSCALING, JobFailed
 from bot.requests import AskRequest
-from bot.studio import OUT_OF_MEMORY_UPSCALING
 from cogs.gallery import kept_rows
 from cogs.understanding import NO_PROMPTS
 

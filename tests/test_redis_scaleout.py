@@ -22,7 +22,7 @@ import discord
 import discord.http
 import pytest
 import redis.asyncio as aioredis
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 from scaleout_procs import color
 from scene import decode, open_scene, text_displays, text_of
 from settings_for_tests import settings_for_tests
@@ -394,25 +394,30 @@ async def test_questions_taken_together_by_a_worker_run_as_one_batch_each_answer
     await nothing_left(redis)
 
 
-async def test_a_worker_with_the_step_scheduler_answers_and_draws_as_alone(
+async def test_a_worker_with_the_step_scheduler_answers_draws_and_upscales_as_alone(
     procs, backend, redis, studio, tiny_dir
 ):
     question = AskRequest("Tell me a story.", temperature=0.9, seed=4, max_new_tokens=10)
     gallery = ImagineRequest("a red fox", count=2, seed=5)
+    alone = [d.tokens for d in studio.engine.imagine(gallery)]
     asked, drawn = backend.ask(question, owner=1), backend.imagine(gallery, owner=2)
+    upscaled = backend.upscale(UpscaleRequest(alone[1]), owner=3)
     await procs.worker(
         "real-worker",
         SCHEDULER="step",
         JANUS_MODEL=str(tiny_dir / "janus"),
         JANUS_DEVICE="cpu",
-        UPSCALER_WEIGHTS="none",
+        UPSCALER_WEIGHTS=str(tiny_dir / "RealESRGAN_x2.pth"),
     )
 
-    answer, drawings = await asyncio.wait_for(asyncio.gather(asked, drawn), 120)
+    answer, drawings, image = await asyncio.wait_for(asyncio.gather(asked, drawn, upscaled), 120)
 
     assert procs.runs() == []  # no batch of questions ran: the step scheduler took both
     assert answer == studio.ask(question)
-    assert [d.tokens for d in drawings] == [d.tokens for d in studio.engine.imagine(gallery)]
+    assert [d.tokens for d in drawings] == alone
+    expected = studio.upscale(UpscaleRequest(alone[1]))
+    assert image.size == expected.size == (2 * studio.output_size,) * 2
+    assert sum(ImageStat.Stat(ImageChops.difference(image, expected)).mean) / 3 < 1  # up to thread rounding
     await nothing_left(redis)
 
 

@@ -6,6 +6,7 @@ as members see it in Discord."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from bot.engine import AskRequest, ImagineRequest, JanusEngine, Turn, sample_tex
 from bot.errors import OUT_OF_MEMORY, JobCancelled, JobFailed
 from bot.executor import GpuExecutor
 from bot.jobs import Progress
+from bot.requests import UpscaleRequest
 from bot.scheduler import SlotCache, StepScheduler
 from bot.studio import Studio
 
@@ -49,6 +51,7 @@ class Run:
         answer_slots: int = 2,
         static_shapes: bool = False,
         compile: bool = False,
+        upscale: Callable[[UpscaleRequest, Any], Any] | None = None,
     ) -> None:
         self.scheduler = StepScheduler(
             engine,
@@ -56,6 +59,7 @@ class Run:
             answer_slots=answer_slots,
             static_shapes=static_shapes,
             compile=compile,
+            upscale=upscale,
         )
         self.results: dict[str, Any] = {}
         self.finished: list[str] = []
@@ -99,7 +103,7 @@ SHAPES = {
 
 @pytest.mark.parametrize("options", SHAPES.values(), ids=SHAPES.keys())
 def test_galleries_joining_mid_run_get_exactly_the_images_they_get_alone(
-    engine: JanusEngine, options: dict[str, bool]
+    engine: JanusEngine, options: dict[str, Any]
 ) -> None:
     first = ImagineRequest("a red fox in the snow", count=2, seed=3)
     later = {
@@ -133,7 +137,7 @@ COMPILED = {**SHAPES, "compiled": {"compile": True}}  # torch.compile of the fix
 
 @pytest.mark.parametrize("options", COMPILED.values(), ids=COMPILED.keys())
 def test_questions_are_answered_in_the_same_steps_and_equal_their_answer_alone(
-    engine: JanusEngine, options: dict[str, bool]
+    engine: JanusEngine, options: dict[str, Any]
 ) -> None:
     gallery = ImagineRequest("a lighthouse", count=4, seed=2)
     looking = AskRequest(
@@ -220,6 +224,33 @@ def test_out_of_memory_stops_the_newest_request_and_the_others_go_on(
     assert isinstance(results["second"], JobFailed) and str(results["second"]) == OUT_OF_MEMORY
     assert tokens(results["first"]) == tokens(engine.imagine(first))
     assert run.admit("refill", ImagineRequest("a dog", count=8))  # the failed request's slots are free
+
+
+def test_upscales_run_between_steps_one_waiting_at_a_time_while_a_gallery_draws(studio: Studio) -> None:
+    """U buttons pressed while a gallery draws are served between its steps, not after it: each upscale is
+    exactly what it is alone, one that cannot be done fails alone, and the gallery is still exactly itself."""
+    engine = studio.engine
+    drawn = [d.tokens for d in engine.imagine(ImagineRequest("a paper boat", count=2, seed=11))]
+    upscales = {"U1": UpscaleRequest(drawn[0]), "U2": UpscaleRequest(drawn[1])}
+    first = ImagineRequest("a red fox in the snow", count=2, seed=3)
+    run = Run(engine, upscale=studio.upscale)
+    run.admit("first", first)
+    admitted: list[bool] = []
+    run.at(3, lambda: admitted.extend([run.admit("U1", upscales["U1"]), run.admit("U2", upscales["U2"])]))
+    run.at(5, lambda: admitted.append(run.admit("U2", upscales["U2"])))
+    run.at(7, lambda: admitted.append(run.admit("foreign", UpscaleRequest((1, 2, 3)))))
+
+    results = run.run()
+
+    assert admitted == [True, False, True, True]  # one upscale waits for its turn at a time
+    assert run.finished == ["U1", "U2", "foreign", "first"]
+    for name, request in upscales.items():
+        alone = studio.upscale(request)
+        assert results[name].size == alone.size == (2 * studio.output_size,) * 2
+        assert np.array_equal(np.asarray(results[name]), np.asarray(alone)), name
+    assert isinstance(results["foreign"], JobFailed) and "another model" in str(results["foreign"])
+    assert tokens(results["first"]) == tokens(engine.imagine(first))
+    assert not run.scheduler.pending()
 
 
 def test_previews_come_per_request_with_its_own_images(engine: JanusEngine) -> None:
@@ -391,6 +422,40 @@ async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gal
     assert [d.image.size for d in drawn] == [(studio.output_size, studio.output_size)] * 2
     [worker] = (await scene.bot.backend.status()).workers
     assert worker.slots == 16 + 4 and worker.busy == 0  # MAX_BATCH_IMAGES image slots and 16 / 4 answer slots
+
+
+async def test_an_image_upscaled_while_another_gallery_draws_is_posted_before_that_gallery_is_done(
+    scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's gallery is done; while Bob's gallery is being drawn (each step slowed down), Alice presses U1:
+    her upscale is posted while Bob's gallery is still being drawn, and his gallery is exactly itself."""
+    gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2)).response
+    original = StepScheduler._step
+
+    def slow_step(scheduler: StepScheduler) -> None:
+        time.sleep(0.05)
+        original(scheduler)
+
+    monkeypatch.setattr(StepScheduler, "_step", slow_step)
+    request = ImagineRequest("a lighthouse at night", count=2, seed=5)
+    drawing = scene.bot.backend.imagine(request, owner=scene.bob.id)
+    assert isinstance(drawing, executor.Job)
+    sent_when_drawn: list[int] = []
+    drawing.future.add_done_callback(lambda _future: sent_when_drawn.append(len(scene.env.http_requests)))
+    while not drawing.running:
+        await asyncio.sleep(0.01)
+
+    pressed = await scene.alice.click(gallery, label="U1")
+
+    assert pressed.ephemeral and pressed.response.content.startswith("Here it is: ")
+    path = f"/channels/{scene.channel.id}/messages"
+    posts = [i for i, e in enumerate(scene.env.http_requests) if (e.method, e.path) == ("POST", path)]
+    drawn = await asyncio.wait_for(drawing, LIMIT)
+    assert posts and sent_when_drawn and posts[-1] < sent_when_drawn[0]  # upscaled while Bob's was drawing
+    [reply] = [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
+    [attachment] = reply.attachments
+    assert Image.open(io.BytesIO(await attachment.read())).size == (2 * studio.output_size,) * 2
+    assert [d.tokens for d in drawn] == [d.tokens for d in studio.engine.imagine(request)]
 
 
 def test_warming_up_the_steps_draws_and_answers_once(engine: JanusEngine) -> None:
