@@ -39,6 +39,18 @@ def token_refused(error: discord.HTTPException) -> bool:
     return error.status in (401, 404) or error.code in DEAD_TOKEN_CODES
 
 
+def origin_of(interaction: discord.Interaction) -> Origin:
+    """Where an interaction's job comes from, kept with the job: its server and channel, its application id
+    and token (to edit the response), and when it was made (the token's age)."""
+    return Origin(
+        interaction.guild_id or 0,
+        interaction.channel_id or 0,
+        interaction.application_id,
+        interaction.token,
+        created_at=interaction.created_at.timestamp(),
+    )
+
+
 @dataclass
 class TokenLife:
     """Whether an interaction's token may still be used: young enough, and never refused by Discord."""
@@ -221,11 +233,11 @@ class InteractionOutput:
 
 @dataclass
 class ResumedInteraction:
-    """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis.
-    With the
-    application id and token (valid 15 minutes) the original response can still be edited and followed up
-    through the interaction's webhook; without them (or once they expire) results go to the channel. It offers
-    what `Delivery`, `InteractionOutput` and the cogs' delivery use of a `discord.Interaction`."""
+    """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis (its
+    `origin_of`). With the application id and token (valid 15 minutes) the original response can still be
+    edited and followed up through the interaction's webhook; without them (or once they expire) results go to
+    the channel. It offers what `Delivery`, `InteractionOutput` and the cogs' delivery use of a
+    `discord.Interaction`."""
 
     user: discord.abc.User
     channel: discord.abc.Messageable

@@ -20,9 +20,9 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.client import SORRY, reply_privately
-from bot.delivery import TokenLife
+from bot.delivery import TokenLife, origin_of
 from bot.errors import UserFacingError
-from bot.jobs import Job, Origin
+from bot.jobs import Job
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
 from bot.requests import ImagineRequest, UpscaleRequest
 from bot.store import Gallery
@@ -302,13 +302,7 @@ class GalleryActions(commands.Cog):
         token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds)
         job: Job[Image.Image] | None = None
         try:
-            origin = Origin(
-                interaction.guild_id or 0,
-                interaction.channel_id or 0,
-                interaction.application_id,
-                interaction.token,
-                created_at=interaction.created_at.timestamp(),
-            )
+            origin = origin_of(interaction)
             job = self.bot.backend.upscale(
                 UpscaleRequest(tokens), owner=interaction.user.id, origin=origin, charge=charge
             )

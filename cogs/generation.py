@@ -16,7 +16,7 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.client import SORRY, acknowledge, reply_privately
-from bot.delivery import Delivery, ResumedInteraction, TokenLife
+from bot.delivery import Delivery, ResumedInteraction, TokenLife, origin_of
 from bot.errors import UserFacingError
 from bot.images import encode_png
 from bot.jobs import Job, Origin
@@ -98,13 +98,7 @@ class Generation(commands.Cog):
         try:
             # With a remote backend the job outlives this process: a restarted bot keeps editing this response
             # through the interaction's token, and refunds the charge if the job fails.
-            origin = Origin(
-                interaction.guild_id or 0,
-                interaction.channel_id or 0,
-                interaction.application_id,
-                interaction.token,
-                created_at=interaction.created_at.timestamp(),
-            )
+            origin = origin_of(interaction)
             job = self.bot.backend.imagine(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             await acknowledge(interaction)

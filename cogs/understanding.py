@@ -16,7 +16,14 @@ from PIL import Image
 
 from bot import prompts
 from bot.client import SORRY, acknowledge, reply_privately
-from bot.delivery import AnswerOutput, InteractionOutput, ReplyOutput, ResumedInteraction, TokenLife
+from bot.delivery import (
+    AnswerOutput,
+    InteractionOutput,
+    ReplyOutput,
+    ResumedInteraction,
+    TokenLife,
+    origin_of,
+)
 from bot.errors import UserFacingError
 from bot.jobs import Charge, Job, Origin
 from bot.media import (
@@ -366,13 +373,7 @@ class Understanding(commands.Cog):
                 seed=random.randrange(2**31),
                 max_new_tokens=self.bot.settings.max_answer_tokens,
             )
-            origin = Origin(
-                interaction.guild_id or 0,
-                interaction.channel_id or 0,
-                interaction.application_id,
-                interaction.token,
-                created_at=interaction.created_at.timestamp(),
-            )
+            origin = origin_of(interaction)
             job = self.bot.backend.ask(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             answer = await job
@@ -456,13 +457,7 @@ class Understanding(commands.Cog):
             ):  # unreadable once downloaded: a public "thinking" message can't turn private
                 await self.bot.quota.refund(charge)
                 raise
-            origin = Origin(
-                interaction.guild_id or 0,
-                interaction.channel_id or 0,
-                interaction.application_id,
-                interaction.token,
-                created_at=interaction.created_at.timestamp(),
-            )
+            origin = origin_of(interaction)
             await self.answer(
                 output,
                 charge,
