@@ -388,27 +388,36 @@ def scene(simcord_env) -> Scene:
     return open_scene(simcord_env)
 
 
-async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gallery_is_done(
-    scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A gallery is being drawn (each step slowed down, so that there is time) when Bob mentions the bot: his
-    answer streams and is posted while the gallery is still being drawn, and the gallery is still exactly the
-    one it would be alone. (SimCord runs one member action at a time, so the gallery is queued through the
-    bot's backend, as the /imagine cog does.)"""
+async def draw_slowly(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch, request: ImagineRequest, owner: int, seconds: float
+) -> tuple[executor.Job[Any], list[int]]:
+    """Queue a gallery through the bot's backend, as the /imagine cog does (SimCord runs one member action at
+    a time), with each step slowed down by `seconds` so that there is time; once it draws, return its job and
+    a list that gets how many HTTP requests the bot had made when the gallery was done."""
     original = StepScheduler._step
 
     def slow_step(scheduler: StepScheduler) -> None:
-        time.sleep(0.1)
+        time.sleep(seconds)
         original(scheduler)
 
     monkeypatch.setattr(StepScheduler, "_step", slow_step)
-    request = ImagineRequest("a paper boat", count=2, seed=11)
-    drawing = scene.bot.backend.imagine(request, owner=scene.alice.id)
+    drawing = scene.bot.backend.imagine(request, owner=owner)
     assert isinstance(drawing, executor.Job)  # local mode: the executor's own job
     sent_when_drawn: list[int] = []
     drawing.future.add_done_callback(lambda _future: sent_when_drawn.append(len(scene.env.http_requests)))
     while not drawing.running:
         await asyncio.sleep(0.01)
+    return drawing, sent_when_drawn
+
+
+async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gallery_is_done(
+    scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gallery is being drawn (each step slowed down, so that there is time) when Bob mentions the bot: his
+    answer streams and is posted while the gallery is still being drawn, and the gallery is still exactly the
+    one it would be alone."""
+    request = ImagineRequest("a paper boat", count=2, seed=11)
+    drawing, sent_when_drawn = await draw_slowly(scene, monkeypatch, request, scene.alice.id, 0.1)
 
     question = await scene.bob.send(scene.channel, f"{scene.mention} hi")
 
@@ -430,20 +439,8 @@ async def test_an_image_upscaled_while_another_gallery_draws_is_posted_before_th
     """Alice's gallery is done; while Bob's gallery is being drawn (each step slowed down), Alice presses U1:
     her upscale is posted while Bob's gallery is still being drawn, and his gallery is exactly itself."""
     gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2)).response
-    original = StepScheduler._step
-
-    def slow_step(scheduler: StepScheduler) -> None:
-        time.sleep(0.05)
-        original(scheduler)
-
-    monkeypatch.setattr(StepScheduler, "_step", slow_step)
     request = ImagineRequest("a lighthouse at night", count=2, seed=5)
-    drawing = scene.bot.backend.imagine(request, owner=scene.bob.id)
-    assert isinstance(drawing, executor.Job)
-    sent_when_drawn: list[int] = []
-    drawing.future.add_done_callback(lambda _future: sent_when_drawn.append(len(scene.env.http_requests)))
-    while not drawing.running:
-        await asyncio.sleep(0.01)
+    drawing, sent_when_drawn = await draw_slowly(scene, monkeypatch, request, scene.bob.id, 0.05)
 
     pressed = await scene.alice.click(gallery, label="U1")
 
