@@ -131,8 +131,8 @@ class LocalBackend:
         charge: Charge | None = None,
     ) -> Job[Image.Image]:
         self._check_accepting()
-        if self.stepper is not None:  # between two steps of the running loop
-            job = self.executor.submit_stepped(self.stepper, request, kind="upscale", owner=owner)
+        if self.stepper is not None:  # between two steps of the running loop; it takes no slot (weight 0)
+            job = self.executor.submit_stepped(self.stepper, request, weight=0, kind="upscale", owner=owner)
         else:
             job = self.executor.submit(
                 lambda report: self.studio().upscale(request, report), kind="upscale", owner=owner

@@ -127,8 +127,9 @@ class Stepper(Protocol):
     """Continuous batching on the GPU thread (bot/scheduler.py): requests join a running loop of steps."""
 
     def admit(self, payload: Any, report: Reporter, finish: Callable[[Any], None]) -> bool:
-        """From the loop: take `payload` into the loop if its slots are free (False: not now). `finish` is
-        called once, on the GPU thread, with its result or the exception for it."""
+        """From the loop: take `payload` into the loop if there is room for it now (False: not now; its slots
+        are taken, or, for work between steps, the work before it still waits). `finish` is called once, on
+        the GPU thread, with its result or the exception for it."""
         ...
 
     def run(self) -> None:

@@ -150,7 +150,6 @@ class _Upscale:
     request: UpscaleRequest
     report: Reporter | None
     finish: Finish
-    order: int
     dropped: bool = False
 
 
@@ -282,7 +281,7 @@ class StepScheduler:
             elif isinstance(request, UpscaleRequest) and self.upscale is not None:
                 if any(isinstance(entry, _Upscale) for entry in self._inbox):
                     return False
-                self._inbox.append(_Upscale(request, report, finish, next(self._orders)))
+                self._inbox.append(_Upscale(request, report, finish))
             else:
                 raise TypeError(f"the step scheduler takes no {type(request).__name__} here")
             return True

@@ -172,6 +172,8 @@ class Studio:
             raise JobFailed("Upscaling is turned off on this bot.")
         if len(request.tokens) != self.engine.num_image_tokens:
             raise JobFailed("That image was drawn by another model; I can't upscale it.")
+        if report:
+            report(Progress(0, 3))  # a request cancelled while it waited stops here, before any GPU work
         try:
             image = self.engine.decode(torch.tensor([request.tokens], device=self.engine.device))[0]
             if report:
