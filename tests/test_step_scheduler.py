@@ -20,7 +20,7 @@ from scene import Scene, open_scene
 
 from bot import executor
 from bot.engine import AskRequest, ImagineRequest, JanusEngine, Turn, sample_text_rows
-from bot.errors import OUT_OF_MEMORY, JobCancelled, JobFailed
+from bot.errors import OUT_OF_MEMORY, OUT_OF_MEMORY_UPSCALING, JobCancelled, JobFailed
 from bot.executor import GpuExecutor
 from bot.jobs import Progress
 from bot.requests import UpscaleRequest
@@ -228,7 +228,8 @@ def test_out_of_memory_stops_the_newest_request_and_the_others_go_on(
 
 def test_upscales_run_between_steps_one_waiting_at_a_time_while_a_gallery_draws(studio: Studio) -> None:
     """U buttons pressed while a gallery draws are served between its steps, not after it: each upscale is
-    exactly what it is alone, one that cannot be done fails alone, and the gallery is still exactly itself."""
+    exactly what it is alone, one that cannot be done fails alone, one withdrawn while it waited stops before
+    any work, and the gallery is still exactly itself."""
     engine = studio.engine
     drawn = [d.tokens for d in engine.imagine(ImagineRequest("a paper boat", count=2, seed=11))]
     upscales = {"U1": UpscaleRequest(drawn[0]), "U2": UpscaleRequest(drawn[1])}
@@ -239,16 +240,19 @@ def test_upscales_run_between_steps_one_waiting_at_a_time_while_a_gallery_draws(
     run.at(3, lambda: admitted.extend([run.admit("U1", upscales["U1"]), run.admit("U2", upscales["U2"])]))
     run.at(5, lambda: admitted.append(run.admit("U2", upscales["U2"])))
     run.at(7, lambda: admitted.append(run.admit("foreign", UpscaleRequest((1, 2, 3)))))
+    run.at(9, lambda: admitted.append(run.admit("withdrawn", upscales["U1"], cancel_at=0)))
 
     results = run.run()
 
-    assert admitted == [True, False, True, True]  # one upscale waits for its turn at a time
-    assert run.finished == ["U1", "U2", "foreign", "first"]
+    assert admitted == [True, False, True, True, True]  # one upscale waits for its turn at a time
+    assert run.finished == ["U1", "U2", "foreign", "withdrawn", "first"]
     for name, request in upscales.items():
         alone = studio.upscale(request)
         assert results[name].size == alone.size == (2 * studio.output_size,) * 2
         assert np.array_equal(np.asarray(results[name]), np.asarray(alone)), name
     assert isinstance(results["foreign"], JobFailed) and "another model" in str(results["foreign"])
+    assert isinstance(results["withdrawn"], JobCancelled)
+    assert run.heard["withdrawn"] == [Progress(0, 3)]  # stopped before its decode
     assert tokens(results["first"]) == tokens(engine.imagine(first))
     assert not run.scheduler.pending()
 
@@ -388,36 +392,56 @@ def scene(simcord_env) -> Scene:
     return open_scene(simcord_env)
 
 
-async def draw_slowly(
-    scene: Scene, monkeypatch: pytest.MonkeyPatch, request: ImagineRequest, owner: int, seconds: float
-) -> tuple[executor.Job[Any], list[int]]:
-    """Queue a gallery through the bot's backend, as the /imagine cog does (SimCord runs one member action at
-    a time), with each step slowed down by `seconds` so that there is time; once it draws, return its job and
-    a list that gets how many HTTP requests the bot had made when the gallery was done."""
-    original = StepScheduler._step
+class HeldGallery:
+    """A gallery queued through the bot's backend, as the /imagine cog does (SimCord runs one member action at
+    a time), whose steps wait for a job of `kind`: until one joins the loop, the gallery does not step; while
+    it is in the loop, the gallery steps with it; once it has left, the gallery waits for `release()`. So the
+    member's request is served while the gallery is drawn, however slow the machine."""
 
-    def slow_step(scheduler: StepScheduler) -> None:
-        time.sleep(seconds)
-        original(scheduler)
+    def __init__(
+        self, scene: Scene, monkeypatch: pytest.MonkeyPatch, request: ImagineRequest, owner: int, kind: str
+    ) -> None:
+        self.released = threading.Event()
+        self.sent_when_drawn: list[int] = []  # the bot's HTTP requests so far, once the gallery is done
+        jobs, original, seen = scene.bot.executor, StepScheduler._step, threading.Event()
 
-    monkeypatch.setattr(StepScheduler, "_step", slow_step)
-    drawing = scene.bot.backend.imagine(request, owner=owner)
-    assert isinstance(drawing, executor.Job)  # local mode: the executor's own job
-    sent_when_drawn: list[int] = []
-    drawing.future.add_done_callback(lambda _future: sent_when_drawn.append(len(scene.env.http_requests)))
-    while not drawing.running:
-        await asyncio.sleep(0.01)
-    return drawing, sent_when_drawn
+        def held_step(scheduler: StepScheduler) -> None:
+            deadline = time.perf_counter() + LIMIT
+            while time.perf_counter() < deadline:
+                if any(job.kind == kind for job in list(jobs.running)):
+                    seen.set()
+                    break
+                if seen.is_set():
+                    self.released.wait(LIMIT)
+                    break
+                time.sleep(0.005)
+            original(scheduler)
+
+        monkeypatch.setattr(StepScheduler, "_step", held_step)
+        job = scene.bot.backend.imagine(request, owner=owner)
+        assert isinstance(job, executor.Job)  # local mode: the executor's own job
+        self.job: executor.Job[Any] = job
+        self.job.future.add_done_callback(
+            lambda _future: self.sent_when_drawn.append(len(scene.env.http_requests))
+        )
+
+    async def drawing(self) -> None:
+        while not self.job.running:
+            await asyncio.sleep(0.01)
+
+    async def result(self) -> Any:
+        self.released.set()
+        return await asyncio.wait_for(self.job, LIMIT)
 
 
 async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gallery_is_done(
     scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A gallery is being drawn (each step slowed down, so that there is time) when Bob mentions the bot: his
-    answer streams and is posted while the gallery is still being drawn, and the gallery is still exactly the
-    one it would be alone."""
+    """A gallery is being drawn when Bob mentions the bot: his answer streams and is posted while the gallery
+    is still being drawn, and the gallery is still exactly the one it would be alone."""
     request = ImagineRequest("a paper boat", count=2, seed=11)
-    drawing, sent_when_drawn = await draw_slowly(scene, monkeypatch, request, scene.alice.id, 0.1)
+    gallery = HeldGallery(scene, monkeypatch, request, scene.alice.id, kind="ask")
+    await gallery.drawing()
 
     question = await scene.bob.send(scene.channel, f"{scene.mention} hi")
 
@@ -425,8 +449,8 @@ async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gal
     assert answer.reference is not None and answer.reference.message_id == question.id and answer.content
     calls = [(e.method, e.path) for e in scene.env.http_requests]
     posted = calls.index(("POST", f"/channels/{scene.channel.id}/messages"))
-    drawn = await asyncio.wait_for(drawing, LIMIT)
-    assert sent_when_drawn and posted < sent_when_drawn[0]  # answered while the gallery was still drawing
+    drawn = await gallery.result()
+    assert gallery.sent_when_drawn and posted < gallery.sent_when_drawn[0]  # answered while it was drawing
     assert [d.tokens for d in drawn] == [d.tokens for d in studio.engine.imagine(request)]
     assert [d.image.size for d in drawn] == [(studio.output_size, studio.output_size)] * 2
     [worker] = (await scene.bot.backend.status()).workers
@@ -436,23 +460,48 @@ async def test_a_question_asked_while_a_gallery_draws_is_answered_before_the_gal
 async def test_an_image_upscaled_while_another_gallery_draws_is_posted_before_that_gallery_is_done(
     scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Alice's gallery is done; while Bob's gallery is being drawn (each step slowed down), Alice presses U1:
-    her upscale is posted while Bob's gallery is still being drawn, and his gallery is exactly itself."""
+    """Alice's gallery is done; while Bob's gallery is being drawn, Alice presses U1: her upscale is posted
+    while Bob's gallery is still being drawn, and his gallery is exactly itself."""
     gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2)).response
     request = ImagineRequest("a lighthouse at night", count=2, seed=5)
-    drawing, sent_when_drawn = await draw_slowly(scene, monkeypatch, request, scene.bob.id, 0.05)
+    bobs = HeldGallery(scene, monkeypatch, request, scene.bob.id, kind="upscale")
+    await bobs.drawing()
+    before = len(scene.env.http_requests)
 
     pressed = await scene.alice.click(gallery, label="U1")
 
     assert pressed.ephemeral and pressed.response.content.startswith("Here it is: ")
     path = f"/channels/{scene.channel.id}/messages"
     posts = [i for i, e in enumerate(scene.env.http_requests) if (e.method, e.path) == ("POST", path)]
-    drawn = await asyncio.wait_for(drawing, LIMIT)
-    assert posts and sent_when_drawn and posts[-1] < sent_when_drawn[0]  # upscaled while Bob's was drawing
+    drawn = await bobs.result()
+    [posted] = [i for i in posts if i >= before]  # the upscale's reply, the one post since the press
+    assert bobs.sent_when_drawn and posted < bobs.sent_when_drawn[0]  # upscaled while Bob's was drawing
     [reply] = [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
     [attachment] = reply.attachments
     assert Image.open(io.BytesIO(await attachment.read())).size == (2 * studio.output_size,) * 2
     assert [d.tokens for d in drawn] == [d.tokens for d in studio.engine.imagine(request)]
+
+
+async def test_an_upscale_that_runs_out_of_memory_between_steps_is_told_privately_and_refunded(
+    scene: Scene, studio: Studio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gallery = (await scene.alice.slash(scene.channel, "imagine", prompt="a paper boat", count=2)).response
+    assert studio.upscaler is not None
+
+    def out_of_memory(*_args: object) -> Image.Image:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    enlarge = studio.upscaler.enlarge
+    monkeypatch.setattr(studio.upscaler, "enlarge", out_of_memory)
+
+    told = await scene.bob.click(gallery, label="U1")
+
+    assert told.ephemeral and told.response.content == f"⚠️ {OUT_OF_MEMORY_UPSCALING}"
+    assert not [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
+    assert "Generations: 0/" in (await scene.bob.slash(scene.channel, "usage")).response.content
+    monkeypatch.setattr(studio.upscaler, "enlarge", enlarge)  # the GPU has memory again: the press now works
+    again = await scene.bob.click(gallery, label="U1")
+    assert again.response.content.startswith("Here it is: ")
 
 
 def test_warming_up_the_steps_draws_and_answers_once(engine: JanusEngine) -> None:
