@@ -54,7 +54,7 @@ class Backend(Protocol):
         origin: Origin | None = None,
         charge: Charge | None = None,
     ) -> Job[Image.Image]:
-        """Queue one gallery image's upscale, as `ask` does; it does not outlive the bot (no re-attaching)."""
+        """Queue one gallery image's upscale, as `ask` does."""
         ...
 
     async def reattach(self, kind: JobKind, deliver: Deliver) -> int:

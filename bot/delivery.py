@@ -231,6 +231,13 @@ class InteractionOutput:
             )
 
 
+class _Acknowledged:
+    """`Interaction.response` of an interaction answered before the restart, as far as the cogs ask it."""
+
+    def is_done(self) -> bool:
+        return True
+
+
 @dataclass
 class ResumedInteraction:
     """An interaction as a restarted bot still has it: not the event, only what its job kept in Redis (its
@@ -271,6 +278,11 @@ class ResumedInteraction:
     @property
     def expired(self) -> bool:
         return self.followup is None
+
+    @property
+    def response(self) -> _Acknowledged:
+        """The first run acknowledged the interaction (it defers at once): edits and follow-ups are left."""
+        return _Acknowledged()
 
     async def edit_original_response(
         self, *, content: Any = MISSING, attachments: Any = MISSING, view: Any = MISSING

@@ -14,7 +14,7 @@ from bot.limits import Decision, Kind
 
 T_co = TypeVar("T_co", covariant=True)
 
-JobKind = Literal["ask", "imagine"]
+JobKind = Literal["ask", "imagine", "upscale"]  # the jobs a restarted bot re-attaches to
 
 
 @dataclass(frozen=True)

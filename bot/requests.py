@@ -53,6 +53,9 @@ class Drawing:
 
 @dataclass(frozen=True)
 class UpscaleRequest:
-    """One gallery image, decoded again from its tokens, at twice the gallery's side (Upscale)."""
+    """One gallery image, decoded again from its tokens, at twice the gallery's side (Upscale). Which image of
+    which stored gallery it is (`gallery_id`, `index` from 0) tells a restarted bot where to post it."""
 
     tokens: tuple[int, ...]
+    gallery_id: int = 0
+    index: int = 0

@@ -13,16 +13,16 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import discord
 from discord.ext import commands
 from PIL import Image
 
 from bot.client import SORRY, reply_privately
-from bot.delivery import TokenLife, origin_of
-from bot.errors import UserFacingError
-from bot.jobs import Job
+from bot.delivery import ResumedInteraction, TokenLife, origin_of
+from bot.errors import JobFailed, UserFacingError
+from bot.jobs import Charge, Job, Origin
 from bot.media import cannot_post, clean_text, image_files, missing_permission, quote, upload_limit
 from bot.requests import ImagineRequest, UpscaleRequest
 from bot.store import Gallery
@@ -304,7 +304,10 @@ class GalleryActions(commands.Cog):
         try:
             origin = origin_of(interaction)
             job = self.bot.backend.upscale(
-                UpscaleRequest(tokens), owner=interaction.user.id, origin=origin, charge=charge
+                UpscaleRequest(tokens, gallery_id, index),
+                owner=interaction.user.id,
+                origin=origin,
+                charge=charge,
             )
             self.bot.quota.queued(charge)
             try:
@@ -313,7 +316,12 @@ class GalleryActions(commands.Cog):
                 token.refused(error)
                 log.warning("Could not acknowledge %s's upscale (%s); it goes ahead", interaction.user, error)
             image = await self.follow_privately(interaction, token, job, f"image {index + 1}")
-            message = await self.post_upscaled(interaction, token, gallery_id, gallery, index, tokens, image)
+            reference = (
+                interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
+            )
+            message = await self.post_upscaled(
+                interaction, token, UpscaleRequest(tokens, gallery_id, index), gallery, image, reference
+            )
         except UserFacingError as error:
             await self.bot.quota.refund(charge)
             await self.tell(interaction, token, f"⚠️ {error}")
@@ -329,7 +337,19 @@ class GalleryActions(commands.Cog):
             raise
         finally:
             self.bot.quota.release(charge)
-        if message is None:  # nowhere to post it (the presser was told which permission is missing)
+        await self.posted(interaction, charge, gallery, message, image)
+
+    async def posted(
+        self,
+        interaction: discord.Interaction,
+        charge: Charge,
+        gallery: Gallery,
+        message: discord.Message | None,
+        image: Image.Image,
+    ) -> None:
+        """Refund an upscale that had nowhere to go (the presser was told which permission is missing), else
+        log it where the server logs what members make."""
+        if message is None:
             await self.bot.quota.refund(charge)
             return
         await self.bot.quota.report(
@@ -342,19 +362,71 @@ class GalleryActions(commands.Cog):
             images=[image],
         )
 
+    # ---- upscales that outlived a restart of the bot (EXECUTOR=redis) ----------------------------------
+
+    async def cog_load(self) -> None:
+        await self.bot.backend.reattach("upscale", self.deliver_reattached)
+
+    async def deliver_reattached(
+        self, job: Job[Image.Image], request: UpscaleRequest, origin: Origin
+    ) -> None:
+        """Post an upscale an earlier run of the bot was waiting for, as `upscale` does: as a reply to the
+        gallery, with the link in the presser's private response while its token lives. One that fails is
+        refunded and the presser told: privately while the token lives, else in the channel."""
+        resumed = await ResumedInteraction.of(self.bot, origin, job.owner or 0)
+        interaction = cast(discord.Interaction, resumed)  # it offers what posting an upscale uses of one
+        token = TokenLife(
+            resumed.created_at, self.bot.settings.interaction_token_seconds, dead=resumed.expired
+        )
+        try:
+            image = await job
+            gallery = await self.bot.store.gallery(request.gallery_id)
+            if gallery is None:
+                raise JobFailed("I no longer know that gallery; please draw it again with /imagine.")
+            posted = await self.bot.store.gallery_messages(request.gallery_id)
+            reference = (
+                discord.MessageReference(
+                    message_id=posted[0][1], channel_id=posted[0][0], fail_if_not_exists=False
+                )
+                if posted
+                else None
+            )
+            message = await self.post_upscaled(interaction, token, request, gallery, image, reference)
+        except UserFacingError as error:
+            if job.elsewhere:  # another process of the bot claimed and delivers it
+                return
+            if job.charge is not None:
+                await self.bot.store.refund(job.charge)
+            await self.tell_or_post(resumed, token, f"⚠️ {error}")
+            return
+        if job.charge is not None:
+            await self.posted(interaction, job.charge, gallery, message, image)
+
+    async def tell_or_post(self, resumed: ResumedInteraction, token: TokenLife, text: str) -> None:
+        """Tell the presser of a re-attached job privately while its token lives, else in the channel."""
+        try:
+            if token.alive:
+                await resumed.edit_original_response(content=text)
+                return
+            await resumed.channel.send(
+                f"{resumed.user.mention} {text}",
+                allowed_mentions=discord.AllowedMentions(users=[resumed.user]),
+            )
+        except discord.HTTPException as error:
+            log.warning("Could not tell %s why their upscale ended (%s): %s", resumed.user, error, text)
+
     async def post_upscaled(
         self,
         interaction: discord.Interaction,
         token: TokenLife,
-        gallery_id: int,
+        request: UpscaleRequest,
         gallery: Gallery,
-        index: int,
-        tokens: tuple[int, ...],
         image: Image.Image,
+        reference: discord.MessageReference | None,
     ) -> discord.Message | None:
-        """Post the upscaled image as a reply to the gallery, with a Delete button for the presser;
-        None if the
-        bot cannot post in the channel."""
+        """Post the upscaled image as a reply to the gallery (`reference`), with a Delete button for the
+        presser; None if the bot cannot post in the channel."""
+        gallery_id, index, tokens = request.gallery_id, request.index, request.tokens
         record = await self.bot.store.save_gallery(
             Gallery(
                 guild_id=interaction.guild_id or 0,
@@ -376,7 +448,9 @@ class GalleryActions(commands.Cog):
             f"**{quote(gallery.prompt, 1500)}** — {interaction.user.mention}\n"
             f"-# Image {index + 1}, upscaled to {image.width}×{image.height}"
         )
-        message = await self.post_reply(interaction, token, upscaled_layout(record, text, file), file)
+        message = await self.post_reply(
+            interaction, token, upscaled_layout(record, text, file), file, reference
+        )
         if message is not None:
             await self.bot.store.add_gallery_messages(record, message.channel.id, [message.id])
             await self.tell(interaction, token, f"Here it is: {message.jump_url}")
@@ -424,14 +498,12 @@ class GalleryActions(commands.Cog):
         token: TokenLife,
         view: discord.ui.LayoutView,
         file: discord.File,
+        reference: discord.MessageReference | None,
     ) -> discord.Message | None:
         """Reply to the gallery, pinging the presser; in the channel if replying is refused; None (and the
         presser told which permission is missing) if the bot cannot post there at all."""
         channel, user = interaction.channel, interaction.user
         mentions = discord.AllowedMentions(users=[user], replied_user=False)
-        reference = (
-            interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
-        )
         for attempt in [reference, None] if reference else [None]:
             file.reset()
             try:

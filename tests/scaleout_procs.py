@@ -7,7 +7,8 @@ step, a preview halfway. A prompt containing `slow:S` takes S seconds; `kill me`
 itself after its first report; `fail me` makes the batch raise once drawn (the worker reports the job failed);
 `hang once` makes the GPU thread hang after its first report, the first time that prompt is run. Questions are
 answered with their images' sizes, half of the answer reported first; `slow:S`, `fail me` and `hang once` work
-in them too. An upscale is a solid square four times as large, coloured by its first two tokens. Every request
+in them too. An upscale is a solid square four times as large, coloured by its first two tokens; one of an
+image drawn with seed FAIL_SEED raises. Every request
 it starts is appended to FAKE_RUNS as `pid prompt`. FAKE_GRACE sets its shutdown grace. - `real-worker`: the
 same with the real studio (JANUS_MODEL etc. from the environment); every batch of questions it answers is
 appended to FAKE_RUNS as `pid asked N`. - `bot PROMPT GUILD CHANNEL OWNER`: the bot's side alone: submits one
@@ -35,6 +36,9 @@ from bot.settings import Settings, load_settings
 
 STEPS = int(os.environ.get("FAKE_STEPS", "10"))
 SIDE = 8
+
+
+FAIL_SEED = 666
 
 
 def color(prompt: str, seed: int, index: int) -> tuple[int, int, int]:
@@ -81,6 +85,8 @@ class FakeStudio:
     def upscale(self, request: UpscaleRequest, report: Reporter | None = None) -> Image.Image:
         """A solid square four times a drawing's side, coloured by its tokens."""
         self._note(f"upscale {','.join(map(str, request.tokens))}")
+        if request.tokens[0] == FAIL_SEED:  # a fake drawing's tokens are (seed, index)
+            raise RuntimeError("the fake studio was asked to fail an upscale")
         return Image.new("RGB", (4 * SIDE, 4 * SIDE), color("upscale", *request.tokens[:2]))
 
     def ask_batch(self, requests: Sequence[AskRequest], reports: Sequence[Reporter]) -> list[str]:

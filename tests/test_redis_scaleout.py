@@ -23,7 +23,7 @@ import discord.http
 import pytest
 import redis.asyncio as aioredis
 from PIL import Image, ImageChops, ImageStat
-from scaleout_procs import color
+from scaleout_procs import FAIL_SEED, color
 from scene import decode, open_scene, text_displays, text_of
 from settings_for_tests import settings_for_tests
 
@@ -559,8 +559,10 @@ async def make_redis_bot(
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after the test
     made: list[tuple[JanusBot, RedisBackend]] = []
 
-    async def make() -> JanusBot:
-        current = settings.model_copy(update={"status_update_seconds": 0.0, "images_per_prompt": 2})
+    async def make(**overrides: object) -> JanusBot:
+        current = settings.model_copy(
+            update={"status_update_seconds": 0.0, "images_per_prompt": 2, **overrides}
+        )
         store = await UsageStore.connect(current.database_path)
         backend = RedisBackend(wire.connect(redis_url), current)
         bot = JanusBot(
@@ -706,6 +708,68 @@ async def test_a_reattached_job_that_fails_is_refunded_and_told_in_the_response(
     [*_, last] = [text_displays(body.get("components") or []) for body in original_edits(simcord_env, since)]
     assert last.startswith("⚠️ Sorry")  # told in the original response
     usage = await scene.alice.slash(scene.channel, "usage")
+    assert "Generations: 0/20 used" in usage.response.content  # refunded by the restarted bot
+    assert await redis.hlen(wire.AWAITING) == 0
+
+
+UPSCALING = {"upscaler_weights": "weights/RealESRGAN_x2.pth"}  # the workers upscale; this bot loads nothing
+
+
+async def press_upscale_then_go_away(env, scene, procs, make_redis_bot, redis, seed: int) -> discord.Message:
+    """Alice draws a gallery; with no worker online, Bob presses U2; then that bot goes away, leaving the
+    upscale to the workers and to the next run, and a worker starts. Returns the gallery message."""
+    await env.restart_bot(await make_redis_bot(**UPSCALING))
+    worker = await procs.worker()
+    gallery = (
+        await scene.alice.slash(scene.channel, "imagine", prompt="a harbour", count=2, seed=seed)
+    ).response
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    env.settle_timeout = 1.0  # the press is handled (timing out) while its job waits for a worker
+    with pytest.raises(TimeoutError):
+        await scene.bob.click(gallery, label="U2")
+    await until(lambda: original_edits(env), 15, "Bob's private status")
+    assert await redis.hlen(wire.AWAITING) == 1
+    await env.bot.backend.close()
+    env.settle_timeout = 30.0  # the restarted bot settles once it has posted
+    await procs.worker()
+    return gallery
+
+
+async def test_a_restarted_bot_posts_an_upscale_it_was_waiting_for_as_a_reply_to_the_gallery(
+    simcord_env, procs, make_redis_bot, redis
+):
+    scene = open_scene(simcord_env)
+    gallery = await press_upscale_then_go_away(simcord_env, scene, procs, make_redis_bot, redis, seed=3)
+    since = len(simcord_env.http_requests)
+
+    await simcord_env.restart_bot(await make_redis_bot(**UPSCALING))  # re-attaches as it starts
+
+    [reply] = [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
+    assert scene.bob.mention in text_of(reply) and "Image 2, upscaled to 32×32" in text_of(reply)
+    [image] = reply.attachments
+    assert (await decode(image)).getpixel((0, 0)) == color("upscale", 3, 1)  # image 2's tokens: (seed, 1)
+    [*_, last] = original_edits(simcord_env, since)
+    assert last["content"] == f"Here it is: {reply.jump_url}"  # in Bob's private response
+    usage = await scene.bob.slash(scene.channel, "usage")
+    assert "Generations: 1/20 used" in usage.response.content  # charged once, by the first run
+    assert await redis.hlen(wire.AWAITING) == 0
+    await nothing_left(redis)
+
+
+async def test_a_reattached_upscale_that_fails_is_refunded_and_told_privately(
+    simcord_env, procs, make_redis_bot, redis
+):
+    scene = open_scene(simcord_env)
+    gallery = await press_upscale_then_go_away(simcord_env, scene, procs, make_redis_bot, redis, FAIL_SEED)
+    since = len(simcord_env.http_requests)
+
+    await simcord_env.restart_bot(await make_redis_bot(**UPSCALING))
+
+    assert not [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
+    [*_, last] = original_edits(simcord_env, since)
+    assert last["content"].startswith("⚠️ Sorry")  # in Bob's private response
+    usage = await scene.bob.slash(scene.channel, "usage")
     assert "Generations: 0/20 used" in usage.response.content  # refunded by the restarted bot
     assert await redis.hlen(wire.AWAITING) == 0
 

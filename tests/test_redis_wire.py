@@ -33,7 +33,7 @@ def test_requests_round_trip_through_the_schema() -> None:
     entry, images = wire.encode_request(JOB, drawn)
     assert images == []
     assert wire.decode_request(wire.decode_entry(fields(entry)).data(), []) == drawn
-    upscale = UpscaleRequest((4, 5, 6))
+    upscale = UpscaleRequest((4, 5, 6), gallery_id=12, index=3)  # which image: where a restarted bot posts it
     entry, _ = wire.encode_request(JOB, upscale)
     assert wire.decode_request(wire.decode_entry(fields(entry)).data(), []) == upscale
 
@@ -63,6 +63,7 @@ def test_requests_round_trip_through_the_schema() -> None:
         (AskRequest("x" * (wire.MAX_TEXT + 1)), "question"),
         (AskRequest("x", history=(Turn("moderator", "hi"),)), "role"),
         (UpscaleRequest(()), "tokens"),
+        (UpscaleRequest((1,), index=-1), "index"),
     ],
 )
 def test_the_bot_refuses_to_queue_what_a_worker_would_refuse(request_, complaint: str) -> None:

@@ -2,15 +2,15 @@
 each job's event stream comes back as the `Job` surface the cogs know from local mode (changed, progress,
 position, notice, note, done, cancel, await).
 
-A request made with an `Origin` (a gallery or a question) is also written to `janus:bot:awaiting` until its
-outcome is handed over. A bot that was restarted mid-job re-attaches to those jobs (`reattach`, once per kind)
-and hands each outcome to that kind's delivery hook. Whoever removes a job from that hash (HDEL returns 1)
-delivers it, so each job reaches its member at most once; its durable event stream keeps the outcome
-meanwhile. The record also keeps the request's charge, so that a re-attached job that fails is refunded; the
-interaction's token, with which the restarted bot keeps editing the original response, is kept apart under a
-key that expires (janus:job:{id}:reply). A job this process settles itself (it gave up on it, lost it, or its
-member withdrew it) loses its record too, so a restarted bot never delivers, pings or refunds it again; and a
-job's keys are deleted once its outcome was taken.
+A request made with an `Origin` (a gallery, a question or an upscale) is also written to `janus:bot:awaiting`
+until its outcome is handed over. A bot that was restarted mid-job re-attaches to those jobs (`reattach`, once
+per kind) and hands each outcome to that kind's delivery hook. Whoever removes a job from that hash (HDEL
+returns 1) delivers it, so each job reaches its member at most once; its durable event stream keeps the
+outcome meanwhile. The record also keeps the request's charge, so that a re-attached job that fails is
+refunded; the interaction's token, with which the restarted bot keeps editing the original response, is kept
+apart under a key that expires (janus:job:{id}:reply). A job this process settles itself (it gave up on it,
+lost it, or its member withdrew it) loses its record too, so a restarted bot never delivers, pings or refunds
+it again; and a job's keys are deleted once its outcome was taken.
 
 The GPU workers publish their figures with an expiry; while none has been seen for a lease period, the jobs
 waiting say so (`notice`), and /status too.
@@ -181,8 +181,7 @@ class RedisBackend:
         origin: Origin | None = None,
         charge: Charge | None = None,
     ) -> RedisJob[Image.Image]:
-        # No origin: nothing re-attaches an upscale, so it ends with this process (and is refunded).
-        return self._submit(request, owner=owner, weight=1, origin=None, charge=charge)
+        return self._submit(request, owner=owner, weight=1, origin=origin, charge=charge)
 
     def jobs_of(self, owner: int) -> int:
         return sum(1 for job in self.jobs.values() if job.owner == owner and not job.done())

@@ -214,6 +214,8 @@ class ImagineData(_Strict):
 
 class UpscaleData(_Strict):
     tokens: Annotated[list[ImageToken], Field(min_length=1, max_length=MAX_KEEP)]
+    gallery: Annotated[int, Field(ge=0, lt=2**63)] = 0  # the bot's own record of it, for a restarted bot
+    index: Annotated[int, Field(ge=0, lt=MAX_COUNT)] = 0
 
 
 class TurnData(_Strict):
@@ -383,7 +385,7 @@ def encode_request(job_id: str, request: Request) -> tuple[Entry, list[Image.Ima
             )
             return Entry(job=job_id, kind="imagine", weight=request.count, request=data.model_dump_json()), []
         if isinstance(request, UpscaleRequest):
-            data = UpscaleData(tokens=list(request.tokens))
+            data = UpscaleData(tokens=list(request.tokens), gallery=request.gallery_id, index=request.index)
             return Entry(job=job_id, kind="upscale", weight=1, request=data.model_dump_json()), []
         images: list[Image.Image] = []
 
@@ -421,7 +423,7 @@ def decode_request(data: RequestData, images: Sequence[Image.Image | None]) -> R
             keep=tuple(data.keep),
         )
     if isinstance(data, UpscaleData):
-        return UpscaleRequest(tuple(data.tokens))
+        return UpscaleRequest(tuple(data.tokens), data.gallery, data.index)
 
     def pick(indices: list[int]) -> tuple[Image.Image, ...]:
         return tuple(image for i in indices if i < len(images) and (image := images[i]) is not None)
