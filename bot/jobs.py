@@ -48,7 +48,8 @@ class Origin:
     """Where a request was made, so that a restarted bot can still post its result there (EXECUTOR=redis).
     With the interaction's application id and token (valid 15 minutes), it can also keep editing the original
     response; the token is a credential: it is never shown in a repr, and Redis keeps it only as long as the
-    job's other keys. A question asked in a message keeps that message's id, to answer it in a reply."""
+    job's other keys. A question asked in a message keeps that message's id, to answer it in a reply; an
+    upscale, the gallery message it was pressed on, to post it as a reply there."""
 
     guild_id: int
     channel_id: int

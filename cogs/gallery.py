@@ -6,6 +6,7 @@ and menu is a persistent dynamic item whose state is in SQLite, so all keep work
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -302,7 +303,10 @@ class GalleryActions(commands.Cog):
         token = TokenLife(interaction.created_at, self.bot.settings.interaction_token_seconds)
         job: Job[Image.Image] | None = None
         try:
-            origin = origin_of(interaction)
+            # The pressed message: a restarted bot (EXECUTOR=redis) posts the upscale as a reply to it.
+            origin = dataclasses.replace(
+                origin_of(interaction), message_id=interaction.message.id if interaction.message else 0
+            )
             job = self.bot.backend.upscale(
                 UpscaleRequest(tokens, gallery_id, index),
                 owner=interaction.user.id,
@@ -323,6 +327,10 @@ class GalleryActions(commands.Cog):
                 interaction, token, UpscaleRequest(tokens, gallery_id, index), gallery, image, reference
             )
         except UserFacingError as error:
+            if (
+                job is not None and job.elsewhere
+            ):  # another process of the bot delivered it (and kept the charge)
+                return
             await self.bot.quota.refund(charge)
             await self.tell(interaction, token, f"⚠️ {error}")
             return
@@ -342,7 +350,7 @@ class GalleryActions(commands.Cog):
     async def posted(
         self,
         interaction: discord.Interaction,
-        charge: Charge,
+        charge: Charge | None,
         gallery: Gallery,
         message: discord.Message | None,
         image: Image.Image,
@@ -350,7 +358,8 @@ class GalleryActions(commands.Cog):
         """Refund an upscale that had nowhere to go (the presser was told which permission is missing), else
         log it where the server logs what members make."""
         if message is None:
-            await self.bot.quota.refund(charge)
+            if charge is not None:
+                await self.bot.quota.refund(charge)
             return
         await self.bot.quota.report(
             "imagine",
@@ -379,35 +388,51 @@ class GalleryActions(commands.Cog):
             resumed.created_at, self.bot.settings.interaction_token_seconds, dead=resumed.expired
         )
         try:
-            image = await job
+            image = await self.follow_privately(interaction, token, job, f"image {request.index + 1}")
             gallery = await self.bot.store.gallery(request.gallery_id)
             if gallery is None:
                 raise JobFailed("I no longer know that gallery; please draw it again with /imagine.")
-            posted = await self.bot.store.gallery_messages(request.gallery_id)
-            reference = (
-                discord.MessageReference(
-                    message_id=posted[0][1], channel_id=posted[0][0], fail_if_not_exists=False
-                )
-                if posted
-                else None
-            )
+            reference = await self.gallery_reference(request.gallery_id, origin)
             message = await self.post_upscaled(interaction, token, request, gallery, image, reference)
         except UserFacingError as error:
             if job.elsewhere:  # another process of the bot claimed and delivers it
                 return
-            if job.charge is not None:
-                await self.bot.store.refund(job.charge)
-            await self.tell_or_post(resumed, token, f"⚠️ {error}")
+            await self.refund_and_tell(resumed, token, job.charge, f"⚠️ {error}")
             return
-        if job.charge is not None:
-            await self.posted(interaction, job.charge, gallery, message, image)
+        except Exception:  # a bug between the job's end and the post: still an answer, and a refund
+            log.exception("Posting the re-attached upscale for %s failed", resumed.user.id)
+            await self.refund_and_tell(resumed, token, job.charge, f"⚠️ {SORRY}")
+            return
+        await self.posted(interaction, job.charge, gallery, message, image)
 
-    async def tell_or_post(self, resumed: ResumedInteraction, token: TokenLife, text: str) -> None:
-        """Tell the presser of a re-attached job privately while its token lives, else in the channel."""
-        try:
-            if token.alive:
+    async def gallery_reference(self, gallery_id: int, origin: Origin) -> discord.MessageReference | None:
+        """The gallery message the upscale was pressed on (its first one, for a record without it)."""
+        if origin.message_id:
+            return discord.MessageReference(
+                message_id=origin.message_id, channel_id=origin.channel_id, fail_if_not_exists=False
+            )
+        posted = await self.bot.store.gallery_messages(gallery_id)
+        if not posted:
+            return None
+        channel_id, message_id = posted[0]
+        return discord.MessageReference(
+            message_id=message_id, channel_id=channel_id, fail_if_not_exists=False
+        )
+
+    async def refund_and_tell(
+        self, resumed: ResumedInteraction, token: TokenLife, charge: Charge | None, text: str
+    ) -> None:
+        """Refund a re-attached upscale and tell its presser why: privately while the token lives, else (or
+        should that edit fail) in the channel."""
+        if charge is not None:
+            await self.bot.store.refund(charge)
+        if token.alive:
+            try:
                 await resumed.edit_original_response(content=text)
                 return
+            except discord.HTTPException as error:
+                token.refused(error)
+        try:
             await resumed.channel.send(
                 f"{resumed.user.mention} {text}",
                 allowed_mentions=discord.AllowedMentions(users=[resumed.user]),
