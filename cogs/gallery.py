@@ -307,12 +307,8 @@ class GalleryActions(commands.Cog):
             origin = dataclasses.replace(
                 origin_of(interaction), message_id=interaction.message.id if interaction.message else 0
             )
-            job = self.bot.backend.upscale(
-                UpscaleRequest(tokens, gallery_id, index),
-                owner=interaction.user.id,
-                origin=origin,
-                charge=charge,
-            )
+            request = UpscaleRequest(tokens, gallery_id, index)
+            job = self.bot.backend.upscale(request, owner=interaction.user.id, origin=origin, charge=charge)
             self.bot.quota.queued(charge)
             try:
                 await interaction.response.defer(ephemeral=True, thinking=True)
@@ -323,13 +319,10 @@ class GalleryActions(commands.Cog):
             reference = (
                 interaction.message.to_reference(fail_if_not_exists=False) if interaction.message else None
             )
-            message = await self.post_upscaled(
-                interaction, token, UpscaleRequest(tokens, gallery_id, index), gallery, image, reference
-            )
+            message = await self.post_upscaled(interaction, token, request, gallery, image, reference)
         except UserFacingError as error:
-            if (
-                job is not None and job.elsewhere
-            ):  # another process of the bot delivered it (and kept the charge)
+            # Another process of the bot delivered it (and kept the charge).
+            if job is not None and job.elsewhere:
                 return
             await self.bot.quota.refund(charge)
             await self.tell(interaction, token, f"⚠️ {error}")
@@ -392,7 +385,13 @@ class GalleryActions(commands.Cog):
             gallery = await self.bot.store.gallery(request.gallery_id)
             if gallery is None:
                 raise JobFailed("I no longer know that gallery; please draw it again with /imagine.")
-            reference = await self.gallery_reference(request.gallery_id, origin)
+            reference = (  # the gallery message it was pressed on
+                discord.MessageReference(
+                    message_id=origin.message_id, channel_id=origin.channel_id, fail_if_not_exists=False
+                )
+                if origin.message_id
+                else None
+            )
             message = await self.post_upscaled(interaction, token, request, gallery, image, reference)
         except UserFacingError as error:
             if job.elsewhere:  # another process of the bot claimed and delivers it
@@ -404,20 +403,6 @@ class GalleryActions(commands.Cog):
             await self.refund_and_tell(resumed, token, job.charge, f"⚠️ {SORRY}")
             return
         await self.posted(interaction, job.charge, gallery, message, image)
-
-    async def gallery_reference(self, gallery_id: int, origin: Origin) -> discord.MessageReference | None:
-        """The gallery message the upscale was pressed on (its first one, for a record without it)."""
-        if origin.message_id:
-            return discord.MessageReference(
-                message_id=origin.message_id, channel_id=origin.channel_id, fail_if_not_exists=False
-            )
-        posted = await self.bot.store.gallery_messages(gallery_id)
-        if not posted:
-            return None
-        channel_id, message_id = posted[0]
-        return discord.MessageReference(
-            message_id=message_id, channel_id=channel_id, fail_if_not_exists=False
-        )
 
     async def refund_and_tell(
         self, resumed: ResumedInteraction, token: TokenLife, charge: Charge | None, text: str
