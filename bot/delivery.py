@@ -255,6 +255,8 @@ class ResumedInteraction:
 
     @classmethod
     async def of(cls, bot: discord.Client, origin: Origin, owner: int) -> ResumedInteraction:
+        # Re-attaching starts in setup_hook, before the gateway's READY fills the guild and channel caches.
+        await bot.wait_until_ready()
         user = bot.get_user(owner) or await bot.fetch_user(owner)
         guild_id = origin.guild_id or None
         channel = bot.get_channel(origin.channel_id) or bot.get_partial_messageable(

@@ -740,6 +740,10 @@ async def test_a_restarted_bot_posts_an_upscale_it_was_waiting_for_as_a_reply_to
     simcord_env, procs, make_redis_bot, redis
 ):
     scene = open_scene(simcord_env)
+    managers = scene.guild.create_role("managers", permissions=discord.Permissions(manage_guild=True))
+    admin = scene.guild.add_member(simcord_env.create_user("admin"), roles=[managers])
+    mod_log = scene.guild.create_text_channel("mod-log")
+    await admin.slash(scene.channel, "limits log", channel=mod_log)
     gallery = await press_upscale_then_go_away(simcord_env, scene, procs, make_redis_bot, redis, seed=3)
     since = len(simcord_env.http_requests)
 
@@ -751,6 +755,8 @@ async def test_a_restarted_bot_posts_an_upscale_it_was_waiting_for_as_a_reply_to
     assert (await decode(image)).getpixel((0, 0)) == color("upscale", 3, 1)  # image 2's tokens: (seed, 1)
     [*_, last] = original_edits(simcord_env, since)
     assert last["content"] == f"Here it is: {reply.jump_url}"  # in Bob's private response
+    [*_, logged] = scene.bot_messages(mod_log)  # the server's moderation log has it, as a live upscale
+    assert scene.bob.mention in logged.content and f"Result: {reply.jump_url}" in logged.content
     usage = await scene.bob.slash(scene.channel, "usage")
     assert "Generations: 1/20 used" in usage.response.content  # charged once, by the first run
     assert await redis.hlen(wire.AWAITING) == 0
