@@ -763,18 +763,28 @@ async def test_a_restarted_bot_posts_an_upscale_it_was_waiting_for_as_a_reply_to
     await nothing_left(redis)
 
 
-async def test_a_reattached_upscale_that_fails_is_refunded_and_told_privately(
-    simcord_env, procs, make_redis_bot, redis
+@pytest.mark.parametrize("token", ["alive", "expired"])
+async def test_a_reattached_upscale_that_fails_is_refunded_and_told(
+    simcord_env, procs, make_redis_bot, redis, token: str
 ):
+    """Told privately while the interaction's token lives; once it has expired (its key gone from Redis), in
+    the channel, mentioning Bob."""
     scene = open_scene(simcord_env)
     gallery = await press_upscale_then_go_away(simcord_env, scene, procs, make_redis_bot, redis, FAIL_SEED)
+    if token == "expired":
+        await redis.delete(*await redis.keys(wire.reply_key("*")))
     since = len(simcord_env.http_requests)
 
     await simcord_env.restart_bot(await make_redis_bot(**UPSCALING))
 
     assert not [m for m in scene.bot_messages() if m.reference and m.reference.message_id == gallery.id]
-    [*_, last] = original_edits(simcord_env, since)
-    assert last["content"].startswith("⚠️ Sorry")  # in Bob's private response
+    edits = original_edits(simcord_env, since)
+    if token == "alive":
+        assert edits[-1]["content"].startswith("⚠️ Sorry")  # in Bob's private response
+    else:
+        assert not edits  # the dead token is never used
+        told = scene.bot_messages()[-1]
+        assert told.content.startswith(f"{scene.bob.mention} ⚠️ Sorry")
     usage = await scene.bob.slash(scene.channel, "usage")
     assert "Generations: 0/20 used" in usage.response.content  # refunded by the restarted bot
     assert await redis.hlen(wire.AWAITING) == 0
